@@ -1,0 +1,3 @@
+from tm_hsm_agent.cli import main
+
+main()
