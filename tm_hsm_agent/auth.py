@@ -80,7 +80,10 @@ class TokenSet:
         return jose.b64url_encode(hashlib.sha256(self.access_token.encode()).digest()[:9])
 
     def __repr__(self) -> str:
-        return f"TokenSet({self.via}, key_id={self.key_id}, expires_at={self.expires_at:.0f}, id={self.fingerprint})"
+        return (
+            f"TokenSet({self.via}, key_id={self.key_id}, "
+            f"expires_at={self.expires_at:.0f}, id={self.fingerprint})"
+        )
 
 
 def parse_expires_in(value: Any, server_now: float) -> float:

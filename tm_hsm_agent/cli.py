@@ -143,6 +143,46 @@ def verify(obj: Ctx, token: str, ignore_exp: bool) -> None:
     click.echo(json.dumps({"header": jwt.header, "claims": jwt.claims}, indent=2))
 
 
+@cli.command()
+@click.option("--prefetch", is_flag=True, help="mint at start instead of on first demand")
+@click.option("--no-verify", is_flag=True, help="do not check minted tokens against the JWKS")
+@click.pass_obj
+def serve(obj: Ctx, prefetch: bool, no_verify: bool) -> None:
+    """Run the agent in the foreground: serve tokens on the Unix socket until SIGTERM."""
+    from tm_hsm_agent.agent import AgentOptions, run_agent
+
+    code = run_agent(obj.cfg, AgentOptions(prefetch=prefetch, verify_tokens=not no_verify),
+                     prompt=_prompt)
+    if code:
+        sys.exit(code)
+
+
+@cli.command("token")
+@click.option("--json", "as_json", is_flag=True, help="print the agent's whole answer")
+@click.option("--header", "as_header", is_flag=True, help="print 'Authorization: Bearer …'")
+@click.pass_obj
+def token_cmd(obj: Ctx, as_json: bool, as_header: bool) -> None:
+    """Ask the running agent for the current access token."""
+    from tm_hsm_agent import client
+
+    info = client.get_token_info(obj.cfg.socket_path)
+    if as_json:
+        click.echo(json.dumps(info, separators=(",", ":")))
+    elif as_header:
+        click.echo(f"Authorization: Bearer {info['access_token']}")
+    else:
+        click.echo(info["access_token"])
+
+
+@cli.command()
+@click.pass_obj
+def status(obj: Ctx) -> None:
+    """Print the running agent's status."""
+    from tm_hsm_agent import client
+
+    click.echo(json.dumps(client.status(obj.cfg.socket_path), indent=2))
+
+
 @cli.group()
 def pin() -> None:
     """The remembered rejected PIN."""

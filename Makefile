@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh Debian machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: demo test deps venv lint bench soak clean
+
+deps:
+	@bash softhsm-config/ensure-deps.sh
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,fast]'
+	@touch $@
+
+venv: deps $(STAMP)
+
+demo: venv
+	@bash softhsm-config/demo.sh
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+lint: venv
+	$(BIN)/ruff check tm_hsm_agent tests bench
+	$(BIN)/mypy tm_hsm_agent
+
+bench: venv
+	$(BIN)/python bench/agent_bench.py
+
+soak: venv
+	$(BIN)/python bench/soak.py --duration $${DURATION:-60}
+
+clean:
+	rm -rf .demo .pytest_cache build dist *.egg-info

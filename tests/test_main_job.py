@@ -1,0 +1,111 @@
+"""The main job end to end: key on a real SoftHSMv2 token -> sandbox -> minted, verified JWT."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from conftest import KEY_LABEL
+from cryptography.hazmat.primitives import serialization
+from helpers import cli
+
+from tm_hsm_agent import jose
+from tm_hsm_agent.errors import EXIT_API, EXIT_CONFIG, EXIT_PIN, EXIT_TOKEN
+
+
+def test_key_on_token_is_sign_only_sensitive_never_extractable(softhsm, hsm_key):
+    out = subprocess.run(
+        ["pkcs11-tool", "--module", softhsm.module, "--token-label", softhsm.label,
+         "--login", "--pin", softhsm.pin, "--list-objects", "--type", "privkey"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    block = out.split("Private Key Object; EC")[1]
+    assert f"label:      {KEY_LABEL}" in block
+    assert "Usage:      sign\n" in block  # no derive, decrypt or unwrap
+    assert "sensitive" in block and "never extractable" in block
+    assert hsm_key.cka_id  # both halves share it
+    assert hsm_key.cka_id.hex().upper() in out.upper().replace(" ", "") or hsm_key.cka_id.hex() in out
+
+
+def test_keygen_refuses_to_overwrite(agent_env):
+    result = cli("keygen", env=agent_env)
+    assert result.returncode == EXIT_TOKEN
+    assert "refusing to overwrite" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_pubkey_pem_and_jwk_match_the_token_key(agent_env, hsm_key):
+    pem = cli("pubkey", "--format", "pem", env=agent_env)
+    assert pem.returncode == 0, pem.stderr
+    loaded = serialization.load_pem_public_key(pem.stdout.encode())
+    assert loaded.public_numbers() == hsm_key.public_key.public_numbers()
+    jwk = json.loads(cli("pubkey", "--format", "jwk", env=agent_env).stdout)
+    assert jwk["thumbprint"] == jose.jwk_thumbprint(jwk["jwk"]) == hsm_key.thumbprint
+    assert jwk["jwk"]["crv"] == "P-256"
+
+
+def test_mint_json_returns_a_token_that_verifies(agent_env, sandbox):
+    result = cli("mint", "--json", env=agent_env)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert set(answer) == {"access_token", "refresh_token", "expires_in", "token_type"}
+    assert answer["token_type"] == "Bearer"
+    jwt = jose.verify_jwt(answer["access_token"], sandbox.state.jwks(), now=sandbox.state.now())
+    assert jwt.claims["sub"] == agent_env["TM_KEY_ID"]
+    assert jwt.header["alg"] == "RS256"
+    assert sandbox.state.stats()["mints"] == 1
+    verified = cli("verify", answer["access_token"], env=agent_env)
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["claims"]["sub"] == agent_env["TM_KEY_ID"]
+
+
+def test_mint_prints_just_the_access_token(agent_env, sandbox):
+    result = cli("mint", env=agent_env)
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    jose.verify_jwt(token, sandbox.state.jwks(), now=sandbox.state.now())
+
+
+@pytest.mark.parametrize("offset", [75.0, -75.0])
+def test_server_clock_75s_off_still_yields_a_token(agent_env, sandbox, offset):
+    sandbox.state.set_clock_offset(offset)
+    result = cli("mint", "--json", env=agent_env)
+    assert result.returncode == 0, result.stderr
+    token = json.loads(result.stdout)["access_token"]
+    jose.verify_jwt(token, sandbox.state.jwks(), now=sandbox.state.now())
+    stats = sandbox.state.stats()
+    assert stats["mints"] == 1 and stats["mint_attempts"] == 2  # one refused, one corrected
+
+
+def test_unknown_key_id_is_a_clear_api_error(agent_env):
+    env = {**agent_env, "TM_KEY_ID": "7d6c1a52-0b0e-4e55-9a3c-1f1f2f3f4f5f"}
+    result = cli("mint", env=env)
+    assert result.returncode == EXIT_API
+    assert "401" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_wrong_pin_is_refused_with_pin_status(agent_env):
+    result = cli("mint", env={**agent_env, "TM_PIN": "000000"})
+    assert result.returncode == EXIT_PIN
+    assert "refused the PIN" in result.stderr
+    assert "000000" not in result.stderr
+
+
+def test_missing_api_selection_names_both_variables(agent_env):
+    env = {k: v for k, v in agent_env.items() if k != "TM_AUTH_URL"}
+    result = cli("mint", env={**env, "TM_AUTH_URL": ""})
+    assert result.returncode == EXIT_CONFIG
+    assert "TM_ENV" in result.stderr and "TM_AUTH_URL" in result.stderr
+
+
+def test_bad_env_value_names_key_and_source(agent_env):
+    result = cli("mint", env={**agent_env, "TM_AUTH_URL": "", "TM_ENV": "prod"})
+    assert result.returncode == EXIT_CONFIG
+    assert "environment TM_ENV" in result.stderr and "production" in result.stderr
+
+
+def test_missing_token_is_a_clear_error(agent_env):
+    result = cli("pubkey", env={**agent_env, "TM_TOKEN_LABEL": "no-such-token"})
+    assert result.returncode == EXIT_TOKEN
+    assert "no such token" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,145 @@
+"""The long-running agent: token handle + signer + client + cache + socket server, and shutdown.
+
+``run_agent`` returns an exit status instead of exiting, so the CLI stays the only
+place that ends the process. SIGTERM/SIGINT stop it cleanly: the listener closes,
+the worker stops, the PKCS#11 session is logged out and closed, the socket removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import resource
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tm_hsm_agent import app
+from tm_hsm_agent.audit import AuditLog
+from tm_hsm_agent.auth import JwksVerifier
+from tm_hsm_agent.cache import CachePolicy, TokenCache
+from tm_hsm_agent.config import Config
+from tm_hsm_agent.errors import EXIT_PIN, PinError, TmHsmError, TokenUnavailable
+from tm_hsm_agent.server import AgentServer, Limits, bind_socket, systemd_socket
+from tm_hsm_agent.signer import Es256Signer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    prefetch: bool = False
+    verify_tokens: bool = True
+    wait_timeout: float = 5.0
+
+
+def _raise_fd_limit() -> None:
+    # Hundreds of clients at once need more descriptors than the usual soft limit of 1024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _event_loop_policy() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] | None = None) -> int:
+    started = time.time()
+    key_id = cfg.require("key_id", app.UUID_HELP)
+    client = app.auth_client(cfg)  # fails early on a missing TM_ENV / TM_AUTH_URL
+
+    # Claim the socket before touching the token: a second agent must not use the PIN.
+    inherited = systemd_socket()
+    path = cfg.socket_path
+    sock = inherited or bind_socket(path, cfg.socket_group)
+    owns_path = inherited is None
+
+    token = app.open_token(cfg, prompt=prompt)
+    audit = AuditLog(cfg.audit_path)
+    try:
+        try:
+            info = token.key_info()
+            log.info("using key %s (%s) on token %s", info.label, info.thumbprint, info.token_serial)
+        except TokenUnavailable as e:
+            log.warning("token not available at start (%s); serving 503 until it is", e)
+        signer = Es256Signer(token, audit)
+        fatal: list[BaseException] = []
+        cache = TokenCache(
+            client,
+            signer,
+            key_id,
+            verifier=JwksVerifier(client) if options.verify_tokens else None,
+            policy=CachePolicy(backoff_cap=cfg.backoff_cap, wait_timeout=options.wait_timeout),
+            on_fatal=fatal.append,
+        )
+        server = AgentServer(
+            cache,
+            audit=audit,
+            token_present=lambda: token.present,
+            allow_uids=cfg.allow_uids,
+            allow_gids=cfg.allow_gids,
+            limits=Limits(),
+            started_at=started,
+        )
+        _raise_fd_limit()
+        _event_loop_policy()
+        cache.start(prefetch=options.prefetch)
+        try:
+            asyncio.run(_serve(server, sock, fatal, token))
+        finally:
+            cache.stop()
+        if fatal:
+            err = fatal[0]
+            log.error("stopping: %s", err)
+            return err.exit_code if isinstance(err, TmHsmError) else 1
+        return 0
+    except PinError as e:
+        log.error("%s", e)
+        return EXIT_PIN
+    finally:
+        token.close()
+        audit.close()
+        sock.close()
+        if owns_path:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+async def _serve(server: AgentServer, sock: object, fatal: list[BaseException], token: object) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start(sock)  # type: ignore[arg-type]
+    log.info("agent serving (pid %d)", os.getpid())
+    probe = loop.create_task(_watch(server, fatal, stop, token))
+    await stop.wait()
+    probe.cancel()
+    await server.close()
+
+
+async def _watch(server: AgentServer, fatal: list[BaseException], stop: asyncio.Event,
+                 token: object) -> None:
+    """Stop on a fatal error; probe the token now and then so status shows presence."""
+    probe_every = 2.0
+    last_probe = 0.0
+    while not stop.is_set():
+        if fatal:
+            stop.set()
+            return
+        now = time.monotonic()
+        if now - last_probe >= probe_every:
+            last_probe = now
+            probe = getattr(token, "probe", None)
+            if probe is not None:
+                await asyncio.get_running_loop().run_in_executor(None, probe)
+        await asyncio.sleep(0.2)

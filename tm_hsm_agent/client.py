@@ -1,0 +1,85 @@
+"""A tiny client for the agent's Unix socket: one call gets the current access token.
+
+    from tm_hsm_agent.client import get_token
+    headers = {"Authorization": f"Bearer {get_token()}"}
+
+Uses only the standard library so any application can vendor or import it cheaply.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from typing import Any
+
+from tm_hsm_agent.errors import AgentError, NoTokenAvailable
+from tm_hsm_agent.paths import default_socket
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def socket_path(path: str | os.PathLike[str] | None = None) -> str:
+    return str(path or os.environ.get("TM_AGENT_SOCKET") or default_socket())
+
+
+def request(method: str, url: str, path: str | os.PathLike[str] | None = None,
+            timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
+    """One request to the agent; returns (status, JSON body)."""
+    where = socket_path(path)
+    conn = _UnixHTTPConnection(where, timeout)
+    try:
+        conn.request(method, url)
+        resp = conn.getresponse()
+        raw = resp.read()
+    except FileNotFoundError:
+        raise AgentError(f"no agent socket at {where} (is `tm-hsm-agent serve` running?)") from None
+    except ConnectionRefusedError:
+        raise AgentError(f"no agent answers at {where} (stale socket?)") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise AgentError(f"talking to the agent at {where} failed: {e}") from e
+    finally:
+        conn.close()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise AgentError(f"the agent at {where} answered something that is not JSON") from None
+    return resp.status, body
+
+
+def get_token_info(path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    """The agent's whole answer: access_token, token_type, expires_at, key_id."""
+    status, body = request("GET", "/v1/token", path, timeout)
+    if status == 503:
+        raise NoTokenAvailable(f"agent has no valid token: {body.get('message')}",
+                               reason=str(body.get("error")))
+    if status != 200:
+        raise AgentError(f"agent answered HTTP {status}: {body.get('message')}")
+    return body
+
+
+def get_token(path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> str:
+    """The current access token (a JWT) from the running agent."""
+    return str(get_token_info(path, timeout)["access_token"])
+
+
+def status(path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> dict[str, Any]:
+    code, body = request("GET", "/v1/status", path, timeout)
+    if code != 200:
+        raise AgentError(f"agent answered HTTP {code}: {body.get('message')}")
+    return body

@@ -1,0 +1,551 @@
+"""The Unix-socket API: HTTP/1.1 + JSON, parsed by llhttp (httptools) on asyncio.
+
+The cached-token path is the hot path: a ready-made response (head and body bytes)
+is kept per token, so serving one is a peer check at connect, one parse, one write.
+
+Safety: the socket is created 0600 (umask before bind), or 0660 for a named group,
+in a 0700 directory; each connection's peer credentials (SO_PEERCRED) are checked
+against an allow-list before a byte is read. Header and body sizes are bounded,
+malformed requests get 400 and a closed connection, idle and slow connections time
+out, and every connection is independent so one slow client delays no other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import grp
+import json
+import logging
+import os
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httptools
+
+from tm_hsm_agent.auth import TokenSet
+from tm_hsm_agent.cache import TokenCache
+from tm_hsm_agent.errors import AgentError, ConfigError, NoTokenAvailable
+
+log = logging.getLogger(__name__)
+
+SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_PEERCRED = struct.Struct("3i")
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_header_bytes: int = 16 * 1024
+    max_body_bytes: int = 4 * 1024
+    request_timeout: float = 10.0  # from a request's first byte to its end
+    idle_timeout: float = 60.0  # keep-alive connection with nothing in flight
+    max_connections: int = 4096
+    backlog: int = 4096  # the asyncio default (100) drops bursts of hundreds of clients
+
+
+@dataclass
+class Stats:
+    served: int = 0
+    requests: dict[str, int] = field(default_factory=dict)
+    refused_peers: int = 0
+    bad_requests: int = 0
+    connections: int = 0
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        i = 0
+        for i, bound in enumerate(LATENCY_BUCKETS):  # noqa: B007
+            if seconds <= bound:
+                break
+        else:
+            i = len(LATENCY_BUCKETS)
+        self.latency_counts[i] += 1
+        self.latency_sum += seconds
+
+
+# -- the listening socket ---------------------------------------------------------------
+
+
+def check_socket_path(path: Path) -> None:
+    if len(os.fsencode(path)) > SUN_PATH_MAX:
+        raise ConfigError(
+            f"agent socket path is {len(os.fsencode(path))} bytes, longer than AF_UNIX allows "
+            f"({SUN_PATH_MAX}): {path}; set TM_AGENT_SOCKET to a shorter path"
+        )
+
+
+def _claim_path(path: Path) -> None:
+    """Refuse a live agent's socket or a non-socket file; reclaim a stale socket."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise AgentError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2.0)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        log.warning("removing stale agent socket %s (no agent answers)", path)
+        path.unlink(missing_ok=True)
+        return
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            path.unlink(missing_ok=True)
+            return
+        raise AgentError(f"cannot probe existing socket {path}: {e}") from e
+    finally:
+        probe.close()
+    raise AgentError(f"another agent is already serving on {path}; not starting a second one")
+
+
+def bind_socket(path: Path, group: str | None = None, backlog: int = Limits.backlog) -> socket.socket:
+    """Create the listening socket: 0600 (0660 with ``group``) from the moment it exists."""
+    check_socket_path(path)
+    parent = path.parent
+    old = os.umask(0o077)
+    try:
+        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    finally:
+        os.umask(old)
+    st = parent.lstat()
+    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+        raise AgentError(f"socket directory {parent} is not a directory owned by this user")
+    gid = None
+    if group is not None:
+        try:
+            gid = grp.getgrnam(group).gr_gid if not group.isdigit() else int(group)
+        except KeyError:
+            raise ConfigError(f"socket_group {group!r} is not a known group") from None
+        os.chown(parent, -1, gid)
+        os.chmod(parent, 0o710)  # noqa: S103 - group may traverse to the socket, not list the directory
+    elif stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(parent, 0o700)
+    _claim_path(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o117 if gid is not None else 0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise AgentError(f"cannot bind {path}: {e}") from e
+    finally:
+        os.umask(old)
+    if gid is not None:
+        os.chown(path, -1, gid)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def systemd_socket() -> socket.socket | None:
+    """The socket systemd passed us (LISTEN_FDS/LISTEN_PID), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    if int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sock = socket.socket(fileno=3)
+    if sock.family != socket.AF_UNIX:
+        raise AgentError("systemd passed a socket that is not AF_UNIX")
+    sock.setblocking(False)
+    return sock
+
+
+# -- responses --------------------------------------------------------------------------
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            408: "Request Timeout", 413: "Content Too Large",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            503: "Service Unavailable"}
+
+
+def _response(status: int, body: bytes, keep_alive: bool, ctype: str = "application/json",
+              extra: str = "") -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+        f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+        "Cache-Control: no-store\r\n"
+        f"{extra}{'' if keep_alive else 'Connection: close' + chr(13) + chr(10)}\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def _json(status: int, obj: Any, keep_alive: bool, extra: str = "") -> bytes:
+    return _response(status, json.dumps(obj, separators=(",", ":")).encode(), keep_alive, extra=extra)
+
+
+def _error(status: int, error: str, message: str, keep_alive: bool, extra: str = "") -> bytes:
+    return _json(status, {"error": error, "message": message}, keep_alive, extra)
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Prepared:
+    """The ready-made 200 answers for one token (keep-alive and close variants)."""
+
+    __slots__ = ("token", "keep", "close")
+
+    def __init__(self, token: TokenSet) -> None:
+        body = json.dumps(
+            {
+                "access_token": token.access_token,
+                "token_type": "Bearer",
+                "expires_at": rfc3339(token.expires_at),
+                "key_id": token.key_id,
+            },
+            separators=(",", ":"),
+        ).encode()
+        self.token = token
+        self.keep = _response(200, body, True)
+        self.close = _response(200, body, False)
+
+
+# -- the protocol -----------------------------------------------------------------------
+
+
+class _Conn(asyncio.Protocol):
+    __slots__ = (
+        "srv", "transport", "parser", "url", "header_bytes", "body", "queue", "busy",
+        "closing", "peer", "timer", "in_request",
+    )
+
+    def __init__(self, srv: AgentServer) -> None:
+        self.srv = srv
+        self.transport: Any = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.header_bytes = 0
+        self.body = b""
+        self.queue: list[tuple[bytes, bytes, bool, bytes]] = []
+        self.busy = False
+        self.closing = False
+        self.peer = (0, 0, 0)
+        self.timer: asyncio.TimerHandle | None = None
+        self.in_request = False
+
+    # connection lifecycle
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        srv = self.srv
+        sock = transport.get_extra_info("socket")
+        try:
+            pid, uid, gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+        except OSError:
+            pid, uid, gid = 0, -1, -1
+        if uid not in srv.allow_uids and gid not in srv.allow_gids:
+            # Refused before a byte is read: the transport has not started reading yet.
+            srv.stats.refused_peers += 1
+            log.warning("refused connection from uid %d gid %d pid %d", uid, gid, pid)
+            transport.abort()
+            return
+        if len(srv.conns) >= srv.limits.max_connections:
+            transport.abort()
+            return
+        self.peer = (pid, uid, gid)
+        srv.conns.add(self)
+        srv.stats.connections += 1
+        self._arm(srv.limits.idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.srv.conns.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.closing = True
+
+    def _arm(self, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.srv.loop.call_later(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        if self.in_request and not self.closing:
+            self._send_and_close(_error(408, "timeout", "request not completed in time", False))
+        elif self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if not self.in_request:
+            self.in_request = True
+            self._arm(self.srv.limits.request_timeout)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._bad(400, "upgrades are not supported")
+        except _TooLarge as e:
+            self._bad(e.status, str(e))
+        except httptools.HttpParserError as e:
+            self._bad(400, f"malformed HTTP request: {e}")
+        else:
+            self._drain()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.header_bytes = 0
+        self.body = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+
+    def _count(self, n: int) -> None:
+        self.header_bytes += n
+        if self.header_bytes > self.srv.limits.max_header_bytes:
+            raise _TooLarge(431, "request headers too large")
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        if len(self.body) > self.srv.limits.max_body_bytes:
+            raise _TooLarge(413, "request body too large")
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method()
+        keep = self.parser.should_keep_alive()
+        self.queue.append((method, self.url, keep, self.body))
+        self.in_request = False
+        self._arm(self.srv.limits.idle_timeout)
+
+    # answering, in order
+    def _drain(self) -> None:
+        while self.queue and not self.busy and not self.closing:
+            method, url, keep, body = self.queue.pop(0)
+            started = time.perf_counter()
+            out = self.srv.handle_fast(self, method, url, keep)
+            if out is not None:
+                self._write(out, keep, started)
+                continue
+            self.busy = True
+            task = self.srv.loop.create_task(self.srv.handle_slow(self, method, url, keep, body))
+            task.add_done_callback(lambda t, k=keep, s=started: self._slow_done(t, k, s))
+
+    def _slow_done(self, task: asyncio.Task[bytes], keep: bool, started: float) -> None:
+        self.busy = False
+        if self.closing:
+            return
+        try:
+            out = task.result()
+        except Exception:  # noqa: BLE001 - one request's bug must not kill the agent
+            log.exception("request handler failed")
+            out, keep = _error(500, "internal", "internal error", False), False
+        self._write(out, keep, started)
+        self._drain()
+
+    def _write(self, out: bytes, keep: bool, started: float) -> None:
+        self.transport.write(out)
+        self.srv.stats.observe(time.perf_counter() - started)
+        if not keep:
+            self.closing = True
+            self.transport.close()
+
+    def _bad(self, status: int, message: str) -> None:
+        self.srv.stats.bad_requests += 1
+        self._send_and_close(_error(status, "bad_request", message, False))
+
+    def _send_and_close(self, out: bytes) -> None:
+        self.closing = True
+        self.transport.write(out)
+        self.transport.close()
+
+
+class _TooLarge(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- the server ---------------------------------------------------------------------------
+
+ROUTES = {
+    b"/v1/token": b"GET",
+    b"/v1/token/refresh": b"POST",
+    b"/v1/status": b"GET",
+    b"/healthz": b"GET",
+    b"/metrics": b"GET",
+}
+
+
+class AgentServer:
+    def __init__(
+        self,
+        cache: TokenCache,
+        *,
+        audit: Any,
+        token_present: Callable[[], bool | None] = lambda: None,
+        allow_uids: tuple[int, ...] = (),
+        allow_gids: tuple[int, ...] = (),
+        limits: Limits | None = None,
+        started_at: float | None = None,
+    ) -> None:
+        self.cache = cache
+        self.audit = audit
+        self.token_present = token_present
+        self.allow_uids = frozenset({os.getuid(), 0, *allow_uids})
+        self.allow_gids = frozenset(allow_gids)
+        self.limits = limits or Limits()
+        self.stats = Stats()
+        self.conns: set[_Conn] = set()
+        self.started_at = started_at or time.time()
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._prepared: _Prepared | None = None
+        self._server: asyncio.AbstractServer | None = None
+
+    def _count(self, name: str) -> None:
+        self.stats.requests[name] = self.stats.requests.get(name, 0) + 1
+
+    # the hot path: a cached token needs no await
+    def handle_fast(self, conn: _Conn, method: bytes, url: bytes, keep: bool) -> bytes | None:
+        path = url.split(b"?", 1)[0]
+        if path == b"/v1/token" and method == b"GET":
+            tok = self.cache.current()
+            if tok is None:
+                return None
+            prepared = self._prepared
+            if prepared is None or prepared.token is not tok:
+                prepared = self._prepared = _Prepared(tok)
+            self.stats.served += 1
+            pid, uid, _ = conn.peer
+            self.audit.record_handout(uid, pid, tok.fingerprint, tok.key_id)
+            return prepared.keep if keep else prepared.close
+        allowed = ROUTES.get(path)
+        if allowed is None:
+            self._count("not_found")
+            return _error(404, "not_found", f"no such endpoint {path.decode('latin-1')[:200]}", keep)
+        if method != allowed:
+            self._count("bad_method")
+            return _error(405, "method_not_allowed", f"use {allowed.decode()}", keep,
+                          extra=f"Allow: {allowed.decode()}\r\n")
+        if path == b"/healthz":
+            self._count("healthz")
+            return _json(200, {"ok": True}, keep)
+        if path == b"/v1/status":
+            self._count("status")
+            return _json(200, self.status(), keep)
+        if path == b"/metrics":
+            self._count("metrics")
+            return _response(200, self.metrics().encode(), keep, "text/plain; version=0.0.4")
+        return None
+
+    async def handle_slow(self, conn: _Conn, method: bytes, url: bytes, keep: bool,
+                          body: bytes) -> bytes:
+        path = url.split(b"?", 1)[0]
+        try:
+            if path == b"/v1/token/refresh":
+                self._count("refresh")
+                tok = await self.loop.run_in_executor(None, self.cache.force_refresh, None)
+            else:
+                self._count("token_wait")
+                tok = await self._wait_token()
+        except NoTokenAvailable as e:
+            self._count("unavailable")
+            return _error(503, e.reason, str(e), keep, extra="Retry-After: 1\r\n")
+        self.stats.served += 1
+        pid, uid, _ = conn.peer
+        self.audit.record_handout(uid, pid, tok.fingerprint, tok.key_id)
+        return _Prepared(tok).keep if keep else _Prepared(tok).close
+
+    async def _wait_token(self) -> TokenSet:
+        timeout = self.cache.policy.wait_timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            tok = self.cache.current()
+            if tok is not None:
+                return tok
+            fut = self.cache.next_outcome(deadline)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self.cache._timeout_error(timeout)
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), remaining)
+            except TimeoutError:
+                raise self.cache._timeout_error(timeout) from None
+
+    def status(self) -> dict[str, Any]:
+        status = self.cache.status()
+        tok = status.get("token")
+        if tok:
+            tok["expires_at"] = rfc3339(tok["expires_at"])
+        status["hsm_present"] = self.token_present()
+        status["uptime_s"] = round(time.time() - self.started_at, 1)
+        status["served"] = self.stats.served
+        status["connections_open"] = len(self.conns)
+        status["refused_peers"] = self.stats.refused_peers
+        status["bad_requests"] = self.stats.bad_requests
+        return status
+
+    def metrics(self) -> str:
+        c = self.cache.counters
+        out = [
+            "# HELP tm_agent_mints_total Successful mints (HSM-signed).",
+            "# TYPE tm_agent_mints_total counter",
+            f"tm_agent_mints_total {c.get('mint_ok', 0)}",
+            "# HELP tm_agent_refreshes_total Successful refreshes.",
+            "# TYPE tm_agent_refreshes_total counter",
+            f"tm_agent_refreshes_total {c.get('refresh_ok', 0)}",
+            "# HELP tm_agent_failures_total Failed mints and refreshes by kind.",
+            "# TYPE tm_agent_failures_total counter",
+        ]
+        for key, value in sorted(c.items()):
+            if key.startswith("failure:"):
+                out.append(f'tm_agent_failures_total{{kind="{key[8:]}"}} {value}')
+        present = self.token_present()
+        out += [
+            "# HELP tm_agent_tokens_served_total Access tokens handed to clients.",
+            "# TYPE tm_agent_tokens_served_total counter",
+            f"tm_agent_tokens_served_total {self.stats.served}",
+            "# HELP tm_agent_token_valid Whether a valid access token is cached.",
+            "# TYPE tm_agent_token_valid gauge",
+            f"tm_agent_token_valid {int(self.cache.current() is not None)}",
+            "# HELP tm_agent_hsm_present Whether the PKCS#11 token answered last time (-1 unknown).",
+            "# TYPE tm_agent_hsm_present gauge",
+            f"tm_agent_hsm_present {-1 if present is None else int(present)}",
+            "# HELP tm_agent_refused_peers_total Connections refused by the peer allow-list.",
+            "# TYPE tm_agent_refused_peers_total counter",
+            f"tm_agent_refused_peers_total {self.stats.refused_peers}",
+            "# HELP tm_agent_request_seconds Socket API request latency.",
+            "# TYPE tm_agent_request_seconds histogram",
+        ]
+        cumulative = 0
+        for bound, count in zip(LATENCY_BUCKETS, self.stats.latency_counts, strict=False):
+            cumulative += count
+            out.append(f'tm_agent_request_seconds_bucket{{le="{bound}"}} {cumulative}')
+        cumulative += self.stats.latency_counts[-1]
+        out.append(f'tm_agent_request_seconds_bucket{{le="+Inf"}} {cumulative}')
+        out.append(f"tm_agent_request_seconds_sum {self.stats.latency_sum:.6f}")
+        out.append(f"tm_agent_request_seconds_count {cumulative}")
+        return "\n".join(out) + "\n"
+
+    async def start(self, sock: socket.socket) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_unix_server(
+            lambda: _Conn(self), sock=sock, backlog=self.limits.backlog
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.conns):
+            if conn.transport is not None:
+                conn.transport.close()
+        if self._server is not None:
+            await self._server.wait_closed()
