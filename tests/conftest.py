@@ -93,10 +93,12 @@ def hsm_key(softhsm: SoftHsm, session_state: Path):
 
 
 @pytest.fixture
-def sandbox():
-    from tm_hsm_agent.sandbox import SandboxServer
+def sandbox(request: pytest.FixtureRequest):
+    """The real sandbox on loopback; parametrize indirectly with SandboxOptions fields."""
+    from tm_hsm_agent.sandbox import SandboxOptions, SandboxServer
 
-    with SandboxServer("127.0.0.1", 0) as server:
+    options = SandboxOptions(**getattr(request, "param", {}))
+    with SandboxServer("127.0.0.1", 0, options) as server:
         yield server
 
 
@@ -127,3 +129,65 @@ def agent_env(softhsm: SoftHsm, hsm_key, sandbox, tmp_path: Path, monkeypatch: p
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env
+
+
+class RunningAgent:
+    """`tm-hsm-agent serve` in a subprocess, as systemd would run it."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.env = env
+        self.socket = Path(env["TM_AGENT_SOCKET"])
+        self.log = Path(env["XDG_STATE_HOME"]).parent / f"agent-{id(self)}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_fh = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tm_hsm_agent", "-v", "serve", *args],
+            env={**os.environ, **env}, stdout=self._log_fh, stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 30.0) -> RunningAgent:
+        from helpers import wait_for
+
+        from tm_hsm_agent import client
+
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode}: {self.output()}")
+            try:
+                return client.request("GET", "/healthz", self.socket, timeout=2)[0] == 200
+            except Exception:
+                return False
+
+        wait_for(ready, timeout, what="agent /healthz")
+        return self
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError("agent did not stop on SIGTERM") from None
+        self._log_fh.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_agent(agent_env):
+    agents: list[RunningAgent] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, ready: bool = True) -> RunningAgent:
+        agent = RunningAgent({**agent_env, **(env or {})}, *args)
+        agents.append(agent)
+        return agent.wait_ready() if ready else agent
+
+    yield start
+    for agent in agents:
+        if agent.proc.poll() is None:
+            agent.proc.kill()
+            agent.proc.wait()

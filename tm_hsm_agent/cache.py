@@ -112,6 +112,8 @@ class TokenCache:
         self._refresh_until = 0.0
         self._demand = False
         self._forced = False
+        self._forced_inflight = False
+        self._forced_done = 0
         self._blocked: BaseException | None = None
         self._fatal: BaseException | None = None
         self._failures_in_row = 0
@@ -192,25 +194,24 @@ class TokenCache:
         return NoTokenAvailable(f"no valid token within {timeout:.0f}s{why}", reason="timeout")
 
     def force_refresh(self, timeout: float | None = None) -> TokenSet:
-        """Refresh (or mint) now, even if the current token is fresh; clears a refused-mint block."""
+        """Refresh (or mint) now, even if the current token is fresh; clears a refused-mint block.
+
+        Returns once a forced attempt that *started after this call* has finished
+        (a refused refresh and the mint that follows it count as one).
+        """
         timeout = self.policy.wait_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         with self._cond:
-            gen = self.counters["attempts"]
+            target = self._forced_done + (2 if self._forced_inflight else 1)
             self._forced = True
             self._blocked = None
             self._next_retry = 0.0
-            fut = self._outcome
             self._cond.notify_all()
-        deadline = time.monotonic() + timeout
-        while self.counters["attempts"] == gen or self._forced:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise self._timeout_error(timeout)
-            try:
-                fut.result(timeout=remaining)
-            except TimeoutError:
-                raise self._timeout_error(timeout) from None
-            fut = self._outcome
+            while self._forced_done < target:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise self._timeout_error(timeout)
+                self._cond.wait(remaining)
         return self.get(max(deadline - time.monotonic(), 0.0))
 
     # -- the worker -------------------------------------------------------------------
@@ -260,6 +261,7 @@ class TokenCache:
                         break
                     self._cond.wait(delay)
                 forced, self._forced = self._forced, False
+                self._forced_inflight = forced
                 refresh_token = self._refresh_token
             self._attempt(action, refresh_token, forced)
 
@@ -274,13 +276,13 @@ class TokenCache:
             if self.verifier is not None:
                 self.verifier.verify(tokens.access_token)
         except BaseException as e:  # noqa: BLE001 - classified below, re-raised if unknown
-            self._failed(action, e, started)
+            self._failed(action, e, started, forced)
             if not isinstance(e, Exception):
                 raise
             return
-        self._succeeded(action, tokens, started)
+        self._succeeded(action, tokens, started, forced)
 
-    def _succeeded(self, action: str, tokens: TokenSet, started: float) -> None:
+    def _succeeded(self, action: str, tokens: TokenSet, started: float, forced: bool) -> None:
         lifetime = tokens.lifetime
         with self._cond:
             self._token = tokens
@@ -298,10 +300,10 @@ class TokenCache:
             self.last_error_kind = None
             self.counters[f"{action}_ok"] += 1
             self.last[action] = {"at": started, "outcome": "ok", "token": tokens.fingerprint}
-            self._publish()
+            self._publish(forced)
         log.info("%s ok: token %s valid for %.0fs", action, tokens.fingerprint, lifetime)
 
-    def _failed(self, action: str, err: BaseException, started: float) -> None:
+    def _failed(self, action: str, err: BaseException, started: float, forced: bool) -> None:
         kind, what = classify_failure(err, action)
         with self._cond:
             self.counters[f"{action}_failed"] += 1
@@ -310,7 +312,9 @@ class TokenCache:
             self.last_error_kind = kind
             self.last[action] = {"at": started, "outcome": kind, "error": str(err)}
             if what == "remint":
+                # The refresh was due (or forced): mint now rather than at the next due time.
                 self._refresh_token = None
+                self._forced = True
             elif what == "block":
                 self._blocked = err
             elif what == "fatal":
@@ -318,7 +322,8 @@ class TokenCache:
             else:
                 self._failures_in_row += 1
                 self._next_retry = time.monotonic() + self._backoff(err)
-            self._publish()
+            # A refused refresh hands over to the mint it triggers: that one finishes the force.
+            self._publish(forced and what != "remint")
         log.warning("%s failed (%s, %s): %s", action, kind, what, err)
         if what == "fatal" and self._on_fatal is not None:
             self._on_fatal(err)
@@ -332,8 +337,11 @@ class TokenCache:
             delay = max(delay, float(retry_after))
         return min(delay, cap)
 
-    def _publish(self) -> None:
+    def _publish(self, forced_finished: bool) -> None:
         self.counters["attempts"] += 1
+        self._forced_inflight = False
+        if forced_finished:
+            self._forced_done += 1
         done, self._outcome = self._outcome, Future()
         done.set_result(None)
         self._cond.notify_all()

@@ -14,6 +14,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -160,6 +161,8 @@ def raw_to_der(raw: bytes) -> bytes:
 
 def normalize_signature(sig: bytes) -> bytes:
     """Whatever a token returned -> 64-byte ``r||s``. 64 bytes is raw; all else must be DER."""
+    if not isinstance(sig, (bytes, bytearray)):
+        raise ValueError("signature must be bytes")
     if len(sig) == RAW_LEN:
         split_raw(sig)
         return bytes(sig)
@@ -224,6 +227,30 @@ SUPPORTED_ALGS = ("RS256", "ES256")
 VerifyKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
 
 
+# ROCA (CVE-2017-15361): moduli from the affected Infineon library are
+# k*M + (65537^a mod M), so N mod p lies in the subgroup <65537> of (Z/pZ)* for every
+# small prime p dividing M. A random modulus passes that test for all of these
+# primes with negligible probability.
+_ROCA_PRIMES = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73,
+                79, 83, 89, 97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157,
+                163, 167)
+
+
+def _subgroup_65537(p: int) -> frozenset[int]:
+    seen, x = set(), 1
+    while x not in seen:
+        seen.add(x)
+        x = x * 65537 % p
+    return frozenset(seen)
+
+
+_ROCA_SUBGROUPS = tuple((p, _subgroup_65537(p)) for p in _ROCA_PRIMES)
+
+
+def roca_vulnerable(n: int) -> bool:
+    return all(n % p in group for p, group in _ROCA_SUBGROUPS)
+
+
 def _b64_uint(text: Any, what: str) -> int:
     data = b64url_decode(text)
     if not data:
@@ -253,16 +280,28 @@ def key_from_jwk(jwk: Mapping[str, Any]) -> tuple[str, VerifyKey]:
         e = _b64_uint(jwk.get("e"), "e")
         if n.bit_length() < 2048:
             raise ValueError("RSA key shorter than 2048 bits")
+        if roca_vulnerable(n):
+            raise ValueError("RSA key has the ROCA weakness (CVE-2017-15361)")
         return "RS256", rsa.RSAPublicNumbers(e, n).public_key()
     if kty == "EC":
         if alg not in (None, "ES256") or jwk.get("crv") != "P-256":
             raise ValueError("only P-256 / ES256 EC keys are supported")
-        x = b64url_decode(jwk.get("x"))
-        y = b64url_decode(jwk.get("y"))
+        x = b64url_decode(jwk.get("x"))  # type: ignore[arg-type]
+        y = b64url_decode(jwk.get("y"))  # type: ignore[arg-type]
         if len(x) != COORD_LEN or len(y) != COORD_LEN:
             raise ValueError("EC JWK coordinates must be 32 bytes")
         return "ES256", public_key_from_point(b"\x04" + x + y)
     raise ValueError(f"unsupported JWK kty {kty!r}")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"JSON constant {name} is not allowed")
+
+
+def _finite_number(value: Any) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    )
 
 
 @dataclass(frozen=True)
@@ -281,8 +320,8 @@ def decode_unverified(token: str) -> Jwt:
     if len(parts) != 3:
         raise ValueError("JWT must have three dot-separated parts")
     try:
-        header = json.loads(b64url_decode(parts[0]))
-        claims = json.loads(b64url_decode(parts[1]))
+        header = json.loads(b64url_decode(parts[0]), parse_constant=_no_constants)
+        claims = json.loads(b64url_decode(parts[1]), parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"JWT header or payload is not base64url JSON: {e}") from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
@@ -358,11 +397,13 @@ def verify_jwt(
         raise ValueError("JWT signature does not verify")
     if now is not None:
         exp = jwt.claims.get("exp")
-        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
-            raise ValueError("JWT has no numeric exp claim")
-        if now >= exp + leeway:
+        if not _finite_number(exp):  # 1e400 parses as inf: a token that never expires
+            raise ValueError("JWT has no finite numeric exp claim")
+        if now >= float(exp) + leeway:
             raise ValueError("JWT has expired")
         nbf = jwt.claims.get("nbf")
-        if isinstance(nbf, (int, float)) and not isinstance(nbf, bool) and now + leeway < nbf:
+        if nbf is not None and not _finite_number(nbf):
+            raise ValueError("JWT nbf claim is not a finite number")
+        if nbf is not None and now + leeway < float(nbf):
             raise ValueError("JWT is not valid yet (nbf)")
     return jwt

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import grp
 import json
 import logging
@@ -220,7 +221,7 @@ class _Prepared:
 class _Conn(asyncio.Protocol):
     __slots__ = (
         "srv", "transport", "parser", "url", "header_bytes", "body", "queue", "busy",
-        "closing", "peer", "timer", "in_request",
+        "closing", "peer", "timer", "in_request", "in_head",
     )
 
     def __init__(self, srv: AgentServer) -> None:
@@ -236,6 +237,7 @@ class _Conn(asyncio.Protocol):
         self.peer = (0, 0, 0)
         self.timer: asyncio.TimerHandle | None = None
         self.in_request = False
+        self.in_head = False
 
     # connection lifecycle
     def connection_made(self, transport: Any) -> None:
@@ -284,30 +286,37 @@ class _Conn(asyncio.Protocol):
             return
         if not self.in_request:
             self.in_request = True
+            self.in_head = True
             self._arm(self.srv.limits.request_timeout)
         try:
+            if self.in_head:
+                # Count raw bytes until the headers end: llhttp buffers a header value
+                # whole before calling back, so waiting for on_header lets 2 MB pile up.
+                self._count(len(data))
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._bad(400, "upgrades are not supported")
+        except httptools.HttpParserError as e:
+            cause = e.__context__ or e.__cause__
+            if isinstance(cause, _TooLarge):
+                self._bad(cause.status, str(cause))
+            else:
+                self._bad(400, f"malformed HTTP request: {e}")
         except _TooLarge as e:
             self._bad(e.status, str(e))
-        except httptools.HttpParserError as e:
-            self._bad(400, f"malformed HTTP request: {e}")
         else:
             self._drain()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.url = b""
-        self.header_bytes = 0
         self.body = b""
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count(len(url))
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
+    def on_headers_complete(self) -> None:
+        self.in_head = False
 
     def _count(self, n: int) -> None:
         self.header_bytes += n
@@ -324,6 +333,7 @@ class _Conn(asyncio.Protocol):
         keep = self.parser.should_keep_alive()
         self.queue.append((method, self.url, keep, self.body))
         self.in_request = False
+        self.header_bytes = 0
         self._arm(self.srv.limits.idle_timeout)
 
     # answering, in order
@@ -337,9 +347,9 @@ class _Conn(asyncio.Protocol):
                 continue
             self.busy = True
             task = self.srv.loop.create_task(self.srv.handle_slow(self, method, url, keep, body))
-            task.add_done_callback(lambda t, k=keep, s=started: self._slow_done(t, k, s))
+            task.add_done_callback(functools.partial(self._slow_done, keep=keep, started=started))
 
-    def _slow_done(self, task: asyncio.Task[bytes], keep: bool, started: float) -> None:
+    def _slow_done(self, task: asyncio.Task[bytes], *, keep: bool, started: float) -> None:
         self.busy = False
         if self.closing:
             return
