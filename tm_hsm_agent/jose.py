@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -298,7 +298,7 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"JSON constant {name} is not allowed")
 
 
-def _finite_number(value: Any) -> bool:
+def _finite_number(value: Any) -> TypeGuard[int | float]:
     return (
         isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     )
@@ -399,11 +399,11 @@ def verify_jwt(
         exp = jwt.claims.get("exp")
         if not _finite_number(exp):  # 1e400 parses as inf: a token that never expires
             raise ValueError("JWT has no finite numeric exp claim")
-        if now >= float(exp) + leeway:
+        if now >= exp + leeway:
             raise ValueError("JWT has expired")
         nbf = jwt.claims.get("nbf")
         if nbf is not None and not _finite_number(nbf):
             raise ValueError("JWT nbf claim is not a finite number")
-        if nbf is not None and now + leeway < float(nbf):
+        if _finite_number(nbf) and now + leeway < nbf:
             raise ValueError("JWT is not valid yet (nbf)")
     return jwt
