@@ -191,3 +191,71 @@ def start_agent(agent_env):
         if agent.proc.poll() is None:
             agent.proc.kill()
             agent.proc.wait()
+
+
+P11KIT_CLIENT_CANDIDATES = (
+    "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
+    "/usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so",
+    "/usr/lib/pkcs11/p11-kit-client.so",
+)
+
+
+class P11KitServer:
+    """`p11-kit server` exporting the SoftHSM token over a Unix socket: a network HSM stand-in.
+
+    Killing its process group is "the HSM dropped off the network"; SIGSTOP is "it hangs".
+    """
+
+    def __init__(self, softhsm: SoftHsm, directory: Path) -> None:
+        self.softhsm = softhsm
+        self.path = directory / "p11kit.sock"
+        self.address = f"unix:path={self.path}"
+        self.client_module = next((p for p in P11KIT_CLIENT_CANDIDATES if os.path.exists(p)), None)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> P11KitServer:
+        from helpers import wait_for
+
+        self.path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            ["p11-kit", "server", "-f", "-n", str(self.path), "--provider", self.softhsm.module,
+             f"pkcs11:token={self.softhsm.label}"],
+            env={**os.environ, "SOFTHSM2_CONF": str(self.softhsm.conf)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_for(self.path.exists, 15, what="p11-kit server socket")
+        return self
+
+    def kill(self) -> None:
+        import signal
+
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.path.unlink(missing_ok=True)
+
+    def pause(self) -> None:
+        import signal
+
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        import signal
+
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def p11kit(softhsm: SoftHsm, tmp_path: Path):
+    if shutil.which("p11-kit") is None:
+        pytest.skip("p11-kit is not installed (apt-get install p11-kit p11-kit-modules)")
+    server = P11KitServer(softhsm, tmp_path)
+    if server.client_module is None:
+        pytest.skip("p11-kit-client.so is not installed (apt-get install p11-kit-modules)")
+    server.start()
+    yield server
+    if server.proc is not None and server.proc.poll() is None:
+        server.resume()
+    server.kill()

@@ -114,6 +114,7 @@ class TokenCache:
         self._forced = False
         self._forced_inflight = False
         self._forced_done = 0
+        self._forced_error: BaseException | None = None
         self._blocked: BaseException | None = None
         self._fatal: BaseException | None = None
         self._failures_in_row = 0
@@ -212,6 +213,10 @@ class TokenCache:
                 if remaining <= 0:
                     raise self._timeout_error(timeout)
                 self._cond.wait(remaining)
+            if self._forced_error is not None:
+                raise NoTokenAvailable(
+                    f"forced refresh failed: {self._forced_error}", reason=self.last_error_kind or "failed"
+                )
         return self.get(max(deadline - time.monotonic(), 0.0))
 
     # -- the worker -------------------------------------------------------------------
@@ -300,7 +305,7 @@ class TokenCache:
             self.last_error_kind = None
             self.counters[f"{action}_ok"] += 1
             self.last[action] = {"at": started, "outcome": "ok", "token": tokens.fingerprint}
-            self._publish(forced)
+            self._publish(forced, None)
         log.info("%s ok: token %s valid for %.0fs", action, tokens.fingerprint, lifetime)
 
     def _failed(self, action: str, err: BaseException, started: float, forced: bool) -> None:
@@ -323,7 +328,7 @@ class TokenCache:
                 self._failures_in_row += 1
                 self._next_retry = time.monotonic() + self._backoff(err)
             # A refused refresh hands over to the mint it triggers: that one finishes the force.
-            self._publish(forced and what != "remint")
+            self._publish(forced and what != "remint", err)
         log.warning("%s failed (%s, %s): %s", action, kind, what, err)
         if what == "fatal" and self._on_fatal is not None:
             self._on_fatal(err)
@@ -337,11 +342,12 @@ class TokenCache:
             delay = max(delay, float(retry_after))
         return min(delay, cap)
 
-    def _publish(self, forced_finished: bool) -> None:
+    def _publish(self, forced_finished: bool, error: BaseException | None) -> None:
         self.counters["attempts"] += 1
         self._forced_inflight = False
         if forced_finished:
             self._forced_done += 1
+            self._forced_error = error
         done, self._outcome = self._outcome, Future()
         done.set_result(None)
         self._cond.notify_all()

@@ -38,9 +38,9 @@ def socket_path(path: str | os.PathLike[str] | None = None) -> str:
     return str(path or os.environ.get("TM_AGENT_SOCKET") or default_socket())
 
 
-def request(method: str, url: str, path: str | os.PathLike[str] | None = None,
-            timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
-    """One request to the agent; returns (status, JSON body)."""
+def request_raw(method: str, url: str, path: str | os.PathLike[str] | None = None,
+                timeout: float = 10.0) -> tuple[int, bytes]:
+    """One request to the agent; returns (status, body bytes)."""
     where = socket_path(path)
     conn = _UnixHTTPConnection(where, timeout)
     try:
@@ -55,11 +55,18 @@ def request(method: str, url: str, path: str | os.PathLike[str] | None = None,
         raise AgentError(f"talking to the agent at {where} failed: {e}") from e
     finally:
         conn.close()
+    return resp.status, raw
+
+
+def request(method: str, url: str, path: str | os.PathLike[str] | None = None,
+            timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
+    """One request to the agent; returns (status, JSON body)."""
+    status, raw = request_raw(method, url, path, timeout)
     try:
         body = json.loads(raw)
     except ValueError:
-        raise AgentError(f"the agent at {where} answered something that is not JSON") from None
-    return resp.status, body
+        raise AgentError(f"the agent at {socket_path(path)} answered something that is not JSON") from None
+    return status, body
 
 
 def get_token_info(path: str | os.PathLike[str] | None = None, timeout: float = 10.0) -> dict[str, Any]:

@@ -245,6 +245,9 @@ class TokenHandle:
             kwargs["token_serial"] = str(self.token_serial).encode()
         tokens = list(self._lib.get_tokens(**kwargs))
         if not tokens:
+            # Some modules (p11-kit's client) fix their slot list at C_Initialize: a token
+            # that comes back is only seen after finalising and initialising again.
+            self._needs_reinit = True
             raise TokenUnavailable(f"{self.name}: no such token on module {self.module}")
         if len(tokens) > 1:
             raise TokenError(f"{self.name}: {len(tokens)} tokens match; select by serial")
