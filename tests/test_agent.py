@@ -305,3 +305,21 @@ def test_audit_log_records_signatures_and_handouts(start_agent, agent_env):
     assert handouts[0]["uid"] == os.getuid() and handouts[0]["pid"] == os.getpid()
     text = open(log).read()
     assert token not in text and token.split(".")[2] not in text
+
+
+def test_shipped_unit_prevents_restart_on_pin_failure(tmp_path):
+    from tm_hsm_agent.errors import EXIT_CONFIG, EXIT_PIN
+
+    unit = cli("systemd-unit")
+    assert unit.returncode == 0
+    line = next(x for x in unit.stdout.splitlines() if x.startswith("RestartPreventExitStatus="))
+    assert {str(EXIT_PIN), str(EXIT_CONFIG)} <= set(line.split("=", 1)[1].split())
+    assert "NoNewPrivileges=yes" in unit.stdout and "LimitCORE=0" in unit.stdout
+    if shutil.which("systemd-analyze"):
+        path = tmp_path / "tm-hsm-agent.service"
+        path.write_text(unit.stdout)
+        check = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True)
+        problems = [x for x in check.stderr.splitlines() if "is not executable" not in x]
+        assert not problems, problems  # only the install path is missing here
+    sock = cli("systemd-unit", "--socket")
+    assert "SocketMode=0600" in sock.stdout and "DirectoryMode=0700" in sock.stdout

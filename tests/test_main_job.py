@@ -109,3 +109,20 @@ def test_missing_token_is_a_clear_error(agent_env):
     result = cli("pubkey", env={**agent_env, "TM_TOKEN_LABEL": "no-such-token"})
     assert result.returncode == EXIT_TOKEN
     assert "no such token" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sandbox_fault_and_revoke_from_the_cli(sandbox, agent_env):
+    origin = sandbox.origin
+    set_fault = cli("sandbox", "fault", "--url", origin, "--mode", "status", "--status", "429",
+                    "--retry-after", "2", "--count", "1", "--endpoint", "mint")
+    assert set_fault.returncode == 0, set_fault.stderr
+    refused = cli("mint", env=agent_env)
+    assert refused.returncode != 0 and "429" in refused.stderr
+    ok = cli("mint", env=agent_env)  # the fault was for one request only
+    assert ok.returncode == 0, ok.stderr
+    assert cli("sandbox", "fault", "--url", origin, "--count", "-1").returncode == 0
+    assert cli("mint", env=agent_env).returncode != 0
+    assert cli("sandbox", "fault", "--url", origin, "--clear").returncode == 0
+    assert cli("mint", env=agent_env).returncode == 0
+    revoked = cli("sandbox", "revoke", "--url", origin)
+    assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked"] >= 1

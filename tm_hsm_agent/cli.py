@@ -183,6 +183,16 @@ def status(obj: Ctx) -> None:
     click.echo(json.dumps(client.status(obj.cfg.socket_path), indent=2))
 
 
+@cli.command("systemd-unit")
+@click.option("--socket", "which", flag_value="socket", help="print the .socket unit instead")
+def systemd_unit(which: str | None) -> None:
+    """Print the hardened systemd user unit (or its socket unit) shipped with the package."""
+    from importlib.resources import files
+
+    name = "tm-hsm-agent.socket" if which == "socket" else "tm-hsm-agent.service"
+    click.echo(files("tm_hsm_agent").joinpath("data", name).read_text(), nl=False)
+
+
 @cli.group()
 def pin() -> None:
     """The remembered rejected PIN."""
@@ -244,6 +254,55 @@ def sandbox_register(pem_file: Any, origin: str) -> None:
     from tm_hsm_agent.sandbox import register_key
 
     click.echo(register_key(origin.rstrip("/"), pem_file.read()))
+
+
+@sandbox.command("fault")
+@click.option("--url", "origin", default="http://127.0.0.1:8080", show_default=True, help="sandbox origin")
+@click.option("--mode", type=click.Choice(["status", "delay", "reset", "malformed_json", "wrong_content_type"]),
+              default="status", show_default=True)
+@click.option("--status", "status_code", type=int, default=503, show_default=True,
+              help="HTTP status for --mode status (5xx, 429...)")
+@click.option("--count", type=int, default=None, help="fail the next N requests (-1: until cleared)")
+@click.option("--rate", type=float, default=None, help="fail each request with this probability")
+@click.option("--retry-after", type=float, default=None, help="Retry-After seconds to send")
+@click.option("--delay", type=float, default=None, help="seconds to stall for --mode delay")
+@click.option("--endpoint", "endpoints", multiple=True, type=click.Choice(["mint", "refresh", "jwks"]),
+              help="limit to these endpoints (repeatable; default all)")
+@click.option("--clear", is_flag=True, help="remove the fault")
+def sandbox_fault(origin: str, mode: str, status_code: int, count: int | None, rate: float | None,
+                  retry_after: float | None, delay: float | None, endpoints: tuple[str, ...],
+                  clear: bool) -> None:
+    """Make a running sandbox misbehave (or behave again with --clear)."""
+    from tm_hsm_agent.sandbox import admin
+
+    origin = origin.rstrip("/")
+    if clear:
+        click.echo(json.dumps(admin(origin, "/admin/faults", method="DELETE")))
+        return
+    spec: dict[str, Any] = {"mode": mode}
+    if mode == "status":
+        spec["status"] = status_code
+    for key, value in (("count", count), ("rate", rate), ("retry_after", retry_after),
+                       ("delay", delay)):
+        if value is not None:
+            spec[key] = value
+    if endpoints:
+        spec["endpoints"] = list(endpoints)
+    click.echo(json.dumps(admin(origin, "/admin/faults", spec)))
+
+
+@sandbox.command("revoke")
+@click.option("--url", "origin", default="http://127.0.0.1:8080", show_default=True, help="sandbox origin")
+@click.option("--key-id", default=None, help="only this key's tokens (required for --what key)")
+@click.option("--what", type=click.Choice(["refresh", "key"]), default="refresh", show_default=True)
+def sandbox_revoke(origin: str, key_id: str | None, what: str) -> None:
+    """Revoke outstanding refresh tokens (or a whole key) on a running sandbox."""
+    from tm_hsm_agent.sandbox import admin
+
+    body: dict[str, Any] = {"what": what}
+    if key_id:
+        body["key_id"] = key_id
+    click.echo(json.dumps(admin(origin.rstrip("/"), "/admin/revoke", body)))
 
 
 def main(argv: list[str] | None = None) -> None:
