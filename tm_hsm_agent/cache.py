@@ -105,8 +105,9 @@ class TokenCache:
         self._on_fatal = on_fatal
 
         self._cond = threading.Condition()
-        self._token: TokenSet | None = None
-        self._serve_until = 0.0  # server clock
+        # (token, serve until on the server clock), replaced as one object so a reader
+        # never pairs one token with another token's deadline.
+        self._serving: tuple[TokenSet, float] | None = None
         self._refresh_at = 0.0  # server clock
         self._refresh_token: str | None = None
         self._refresh_until = 0.0
@@ -132,9 +133,9 @@ class TokenCache:
 
     def current(self) -> TokenSet | None:
         """The token to hand out now, or None. Never one about to expire."""
-        tok = self._token
-        if tok is not None and self.clock.now() + 0.5 < self._serve_until:
-            return tok
+        serving = self._serving
+        if serving is not None and self.clock.now() + 0.5 < serving[1]:
+            return serving[0]
         return None
 
     # -- waiting for a token -------------------------------------------------------------
@@ -244,7 +245,7 @@ class TokenCache:
             return action, None
         if self._next_retry > now_mono:
             return None, self._next_retry - now_mono
-        if self._token is not None:
+        if self._serving is not None:
             due = self._refresh_at - self.clock.now()
             if due > 0:
                 return None, due
@@ -290,8 +291,7 @@ class TokenCache:
     def _succeeded(self, action: str, tokens: TokenSet, started: float, forced: bool) -> None:
         lifetime = tokens.lifetime
         with self._cond:
-            self._token = tokens
-            self._serve_until = tokens.expires_at - min(self.policy.min_left, lifetime / 10)
+            self._serving = (tokens, tokens.expires_at - min(self.policy.min_left, lifetime / 10))
             self._refresh_at = tokens.expires_at - min(self.policy.refresh_ahead, lifetime / 2)
             self._refresh_token = tokens.refresh_token
             refresh_exp = _jwt_exp(tokens.refresh_token)
@@ -359,7 +359,7 @@ class TokenCache:
         return self._fatal
 
     def status(self) -> dict[str, Any]:
-        tok = self._token
+        tok = self._serving[0] if self._serving is not None else None
         retry_in = self._next_retry - time.monotonic()
         return {
             "key_id": self.key_id,
