@@ -258,8 +258,8 @@ def sandbox_register(pem_file: Any, origin: str) -> None:
 
 @sandbox.command("fault")
 @click.option("--url", "origin", default="http://127.0.0.1:8080", show_default=True, help="sandbox origin")
-@click.option("--mode", type=click.Choice(["status", "delay", "reset", "malformed_json", "wrong_content_type"]),
-              default="status", show_default=True)
+@click.option("--mode", default="status", show_default=True,
+              type=click.Choice(["status", "delay", "reset", "malformed_json", "wrong_content_type"]))
 @click.option("--status", "status_code", type=int, default=503, show_default=True,
               help="HTTP status for --mode status (5xx, 429...)")
 @click.option("--count", type=int, default=None, help="fail the next N requests (-1: until cleared)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,6 +49,8 @@ def private_dir(path: Path) -> Path:
     finally:
         os.umask(old)
     st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"{path} is not a directory (a symlink?)")
     if st.st_uid != os.getuid():
         raise PermissionError(f"{path} belongs to uid {st.st_uid}, not to this user")
     if st.st_mode & 0o077:

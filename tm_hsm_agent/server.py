@@ -34,6 +34,7 @@ import httptools
 from tm_hsm_agent.auth import TokenSet
 from tm_hsm_agent.cache import TokenCache
 from tm_hsm_agent.errors import AgentError, ConfigError, NoTokenAvailable
+from tm_hsm_agent.paths import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +115,10 @@ def bind_socket(path: Path, group: str | None = None, backlog: int = Limits.back
     """Create the listening socket: 0600 (0660 with ``group``) from the moment it exists."""
     check_socket_path(path)
     parent = path.parent
-    old = os.umask(0o077)
     try:
-        parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    finally:
-        os.umask(old)
-    st = parent.lstat()
-    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
-        raise AgentError(f"socket directory {parent} is not a directory owned by this user")
+        private_dir(parent)  # 0700, ours
+    except (PermissionError, FileExistsError, NotADirectoryError) as e:
+        raise AgentError(f"socket directory {parent}: {e}") from e
     gid = None
     if group is not None:
         try:
@@ -130,8 +127,6 @@ def bind_socket(path: Path, group: str | None = None, backlog: int = Limits.back
             raise ConfigError(f"socket_group {group!r} is not a known group") from None
         os.chown(parent, -1, gid)
         os.chmod(parent, 0o710)  # noqa: S103 - group may traverse to the socket, not list the directory
-    elif stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(parent, 0o700)
     _claim_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o117 if gid is not None else 0o177)
