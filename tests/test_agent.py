@@ -323,3 +323,26 @@ def test_shipped_unit_prevents_restart_on_pin_failure(tmp_path):
         assert not problems, problems  # only the install path is missing here
     sock = cli("systemd-unit", "--socket")
     assert "SocketMode=0600" in sock.stdout and "DirectoryMode=0700" in sock.stdout
+
+
+def test_group_mode_socket_lets_the_named_group_in(start_agent):
+    import grp
+
+    try:
+        group = grp.getgrgid(65534).gr_name
+    except KeyError:
+        pytest.skip("no group with gid 65534 here")
+    agent = start_agent(env={"TM_SOCKET_GROUP": group, "TM_ALLOW_GIDS": "65534"})
+    st = agent.socket.lstat()
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == 65534
+    parent = agent.socket.parent.stat()
+    assert stat.S_IMODE(parent.st_mode) == 0o710 and parent.st_gid == 65534
+    for p in list(agent.socket.parent.parents)[:-1]:  # let nobody traverse the test's temp dirs
+        if p.stat().st_mode & 0o001 == 0:
+            os.chmod(p, p.stat().st_mode | 0o001)
+    result = _as_nobody(
+        "from tm_hsm_agent import client\n"
+        f"print(client.get_token_info({str(agent.socket)!r})['token_type'])\n"
+    )
+    assert result.stdout.strip() == "Bearer", result.stderr
+    assert agent.stop() == 0
