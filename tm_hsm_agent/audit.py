@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 
 class AuditLog:
+    MAX_CALLERS = 10_000  # distinct (uid, pid) remembered per token
+
     def __init__(self, path: Path, flush_interval: float = 1.0) -> None:
         self.path = path
         private_dir(path.parent)
@@ -90,6 +92,10 @@ class AuditLog:
         marker = (uid, pid, token_id)
         if marker in self._seen:
             return
+        if len(self._seen) >= self.MAX_CALLERS:
+            # Bound memory under a flood of short-lived callers: a repeated line is
+            # better than a missing one or an unbounded set.
+            self._seen.clear()
         self._seen.add(marker)
         line = self._line("handout", {"uid": uid, "pid": pid, "token": token_id, "key_id": key_id})
         with self._pending_lock:

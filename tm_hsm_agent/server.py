@@ -216,13 +216,13 @@ class _Prepared:
 class _Conn(asyncio.Protocol):
     __slots__ = (
         "srv", "transport", "parser", "url", "header_bytes", "body", "queue", "busy",
-        "closing", "peer", "timer", "in_request", "in_head",
+        "closing", "peer", "deadline", "in_request", "in_head",
     )
 
     def __init__(self, srv: AgentServer) -> None:
         self.srv = srv
         self.transport: Any = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: Any = httptools.HttpRequestParser(self)
         self.url = b""
         self.header_bytes = 0
         self.body = b""
@@ -230,7 +230,7 @@ class _Conn(asyncio.Protocol):
         self.busy = False
         self.closing = False
         self.peer = (0, 0, 0)
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time; checked by the server's once-a-second sweep
         self.in_request = False
         self.in_head = False
 
@@ -257,18 +257,15 @@ class _Conn(asyncio.Protocol):
         self.peer = (pid, uid, gid)
         srv.conns.add(self)
         srv.stats.connections += 1
-        self._arm(srv.limits.idle_timeout)
+        self.deadline = srv.loop.time() + srv.limits.idle_timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.srv.conns.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
         self.closing = True
-
-    def _arm(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = self.srv.loop.call_later(seconds, self._timed_out)
+        # Break the parser <-> protocol <-> transport cycle so the connection is freed by
+        # reference counting, not by the cycle collector (whose pauses showed in p99).
+        self.parser = None
+        self.transport = None
 
     def _timed_out(self) -> None:
         if self.in_request and not self.closing:
@@ -282,7 +279,7 @@ class _Conn(asyncio.Protocol):
         if not self.in_request:
             self.in_request = True
             self.in_head = True
-            self._arm(self.srv.limits.request_timeout)
+            self.deadline = self.srv.loop.time() + self.srv.limits.request_timeout
         try:
             if self.in_head:
                 # Count raw bytes until the headers end: llhttp buffers a header value
@@ -329,7 +326,7 @@ class _Conn(asyncio.Protocol):
         self.queue.append((method, self.url, keep, self.body))
         self.in_request = False
         self.header_bytes = 0
-        self._arm(self.srv.limits.idle_timeout)
+        self.deadline = self.srv.loop.time() + self.srv.limits.idle_timeout
 
     # answering, in order
     def _drain(self) -> None:
@@ -414,6 +411,7 @@ class AgentServer:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._prepared: _Prepared | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     def _count(self, name: str) -> None:
         self.stats.requests[name] = self.stats.requests.get(name, 0) + 1
@@ -545,8 +543,19 @@ class AgentServer:
         self._server = await self.loop.create_unix_server(
             lambda: _Conn(self), sock=sock, backlog=self.limits.backlog
         )
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close idle and slow connections: one pass a second instead of a timer per request."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = self.loop.time()
+            for conn in [c for c in self.conns if c.deadline < now]:
+                conn._timed_out()
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self.conns):
