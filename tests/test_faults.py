@@ -180,9 +180,9 @@ def test_pin_forget_lets_the_pin_be_tried_again(agent_env):
 def test_a_different_token_under_the_same_label_is_refused(agent_env, softhsm, tmp_path):
     assert cli("pubkey", env=agent_env).returncode == 0  # pins serial + key at first use
     # Another SoftHSM store with a token and key under the same labels: a swapped device.
-    from conftest import ROOT
-
     import subprocess
+
+    from conftest import ROOT
 
     other = subprocess.run(
         [str(ROOT / "softhsm-config" / "init-token.sh"), str(tmp_path / "other"), softhsm.label,

@@ -146,7 +146,8 @@ def test_no_token_gives_503_with_reason(server):
 def test_metrics_are_prometheus_text(server):
     srv, _, path = server
     s = _connect(path)
-    s.sendall(b"GET /v1/token HTTP/1.1\r\nHost: x\r\n\r\nGET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    s.sendall(b"GET /v1/token HTTP/1.1\r\nHost: x\r\n\r\n"
+              b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     out = _read_all(s).decode()
     text = out.split("\r\n\r\n")[-1]
     assert "text/plain; version=0.0.4" in out

@@ -56,8 +56,7 @@ class AuditLog:
                 if not data or data.endswith(b"\n"):
                     return None
                 cut = data.rfind(b"\n") + 1
-                aside = self.path.with_name(f"{self.path.name}.torn-{int(time.time())}")
-                fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                fd, aside = self._new_aside_file()
                 try:
                     os.write(fd, data[cut:])
                     os.fsync(fd)
@@ -70,6 +69,17 @@ class AuditLog:
             return None
         log.warning("audit log %s ended in a torn line; moved it to %s", self.path, aside)
         return aside
+
+    def _new_aside_file(self) -> tuple[int, Path]:
+        """``<log>.torn-<time>[.N]``: never overwrites an earlier torn tail (two crashes a second)."""
+        base = f"{self.path.name}.torn-{int(time.time())}"
+        for n in range(1000):
+            aside = self.path.with_name(base if n == 0 else f"{base}.{n}")
+            try:
+                return os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), aside
+            except FileExistsError:
+                continue
+        raise FileExistsError(f"too many torn-tail files beside {self.path}")
 
     @staticmethod
     def _line(event: str, fields: dict[str, Any]) -> bytes:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
+from functools import cached_property
 from typing import Any
 
 import requests
@@ -74,7 +75,7 @@ class TokenSet:
     def lifetime(self) -> float:
         return max(self.expires_at - self.issued_at, 0.0)
 
-    @property
+    @cached_property  # read on every hand-out: the hot path
     def fingerprint(self) -> str:
         """A short, non-secret name for this token (for logs and the audit trail)."""
         return jose.b64url_encode(hashlib.sha256(self.access_token.encode()).digest()[:9])
@@ -101,6 +102,8 @@ def parse_expires_in(value: Any, server_now: float) -> float:
     if not isinstance(value, str) or not value:
         raise ValueError("expires_in is missing")
     if value.isdigit():
+        if int(value) <= 0:
+            raise ValueError("expires_in seconds must be positive")
         return server_now + float(value)
     text = value.strip()
     if text.endswith(("Z", "z")):

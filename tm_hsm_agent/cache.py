@@ -70,6 +70,7 @@ FAILURE_TABLE: tuple[tuple[type[BaseException], str, str, str], ...] = (
     (ApiTransient, "*", "api_transient", "retry"),
     (ApiRejected, "refresh", "refresh_rejected", "remint"),
     (ApiRejected, "mint", "mint_rejected", "block"),
+    (ApiRejected, "verify", "token_verify", "retry"),  # a JWKS 4xx after a good mint
     (TokenVerifyError, "*", "token_verify", "retry"),
     (SignatureFormatError, "*", "signature", "retry"),
     (TmHsmError, "*", "other", "retry"),
@@ -204,6 +205,8 @@ class TokenCache:
         timeout = self.policy.wait_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         with self._cond:
+            if self._fatal is not None:
+                raise NoTokenAvailable(f"agent stopped minting: {self._fatal}", reason="fatal")
             target = self._forced_done + (2 if self._forced_inflight else 1)
             self._forced = True
             self._blocked = None
@@ -279,13 +282,19 @@ class TokenCache:
             else:
                 action = "mint"
                 tokens = self.client.mint(self.key_id, self.signer.sign_challenge)
-            if self.verifier is not None:
-                self.verifier.verify(tokens.access_token)
         except BaseException as e:  # noqa: BLE001 - classified below, re-raised if unknown
             self._failed(action, e, started, forced)
             if not isinstance(e, Exception):
                 raise
             return
+        if self.verifier is not None:
+            try:
+                self.verifier.verify(tokens.access_token)
+            except Exception as e:  # noqa: BLE001 - classified below
+                # The mint or refresh worked; only the check failed (a JWKS hiccup, a
+                # rotating key). Keep the new refresh token so the retry needs no signature.
+                self._failed("verify", e, started, forced, keep_refresh=tokens.refresh_token)
+                return
         self._succeeded(action, tokens, started, forced)
 
     def _succeeded(self, action: str, tokens: TokenSet, started: float, forced: bool) -> None:
@@ -293,10 +302,7 @@ class TokenCache:
         with self._cond:
             self._serving = (tokens, tokens.expires_at - min(self.policy.min_left, lifetime / 10))
             self._refresh_at = tokens.expires_at - min(self.policy.refresh_ahead, lifetime / 2)
-            self._refresh_token = tokens.refresh_token
-            refresh_exp = _jwt_exp(tokens.refresh_token)
-            # An opaque refresh token's lifetime is unknown: try it; a 401 means mint.
-            self._refresh_until = refresh_exp if refresh_exp is not None else float("inf")
+            self._set_refresh_token(tokens.refresh_token)
             self._failures_in_row = 0
             self._next_retry = 0.0
             self._blocked = None
@@ -308,9 +314,12 @@ class TokenCache:
             self._publish(forced, None)
         log.info("%s ok: token %s valid for %.0fs", action, tokens.fingerprint, lifetime)
 
-    def _failed(self, action: str, err: BaseException, started: float, forced: bool) -> None:
+    def _failed(self, action: str, err: BaseException, started: float, forced: bool,
+                keep_refresh: str | None = None) -> None:
         kind, what = classify_failure(err, action)
         with self._cond:
+            if keep_refresh is not None:
+                self._set_refresh_token(keep_refresh)
             self.counters[f"{action}_failed"] += 1
             self.counters[f"failure:{kind}"] += 1
             self.last_error = str(err)
@@ -333,9 +342,16 @@ class TokenCache:
         if what == "fatal" and self._on_fatal is not None:
             self._on_fatal(err)
 
+    def _set_refresh_token(self, token: str) -> None:
+        self._refresh_token = token
+        refresh_exp = _jwt_exp(token)
+        # An opaque refresh token's lifetime is unknown: try it; a 401 means mint.
+        self._refresh_until = refresh_exp if refresh_exp is not None else float("inf")
+
     def _backoff(self, err: BaseException) -> float:
         cap = self.policy.backoff_cap
-        step = min(cap, self.policy.backoff_base * 2 ** (self._failures_in_row - 1))
+        # The exponent is bounded: 2**1024 is past what a float holds (weeks of outage).
+        step = min(cap, self.policy.backoff_base * 2 ** min(self._failures_in_row - 1, 60))
         delay = step / 2 + self._rng.uniform(0, step / 2)
         retry_after = getattr(err, "retry_after", None)
         if retry_after is not None:

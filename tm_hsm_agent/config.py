@@ -56,8 +56,8 @@ def _float(value: Any) -> float:
         out = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"must be a number, got {value!r}") from None
-    if not out > 0:
-        raise ValueError("must be greater than zero")
+    if not 0 < out < 1e9:  # also refuses nan and inf
+        raise ValueError(f"must be a positive finite number, got {value!r}")
     return out
 
 
@@ -136,6 +136,7 @@ class Config:
     values: Mapping[str, Any]
     sources: Mapping[str, str] = field(default_factory=dict)
     path: Path | None = None
+    environ: Mapping[str, str] | None = None  # what XDG defaults are resolved against
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -188,12 +189,12 @@ class Config:
     @property
     def state_path(self) -> Path:
         value = self.values.get("state_dir")
-        return Path(value) if value else paths.state_dir()
+        return Path(value) if value else paths.state_dir(self.environ)
 
     @property
     def socket_path(self) -> Path:
         value = self.values.get("agent_socket")
-        return Path(value) if value else paths.default_socket()
+        return Path(value) if value else paths.default_socket(self.environ)
 
     @property
     def audit_path(self) -> Path:
@@ -214,8 +215,9 @@ def _read_file(path: Path, explicit: bool, profile: str | None) -> dict[str, Any
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"config file {path} does not exist") from None
+        if explicit or profile:
+            what = f" (asked for profile [profiles.{profile}])" if profile else ""
+            raise ConfigError(f"config file {path} does not exist{what}") from None
         return {}
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"config file {path}: {e}") from e
@@ -269,4 +271,4 @@ def load_config(
             f"set only one of token_label ({sources['token_label']}) and "
             f"token_serial ({sources['token_serial']})"
         )
-    return Config(values, sources, file_path)
+    return Config(values, sources, file_path, environ)

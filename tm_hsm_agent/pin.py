@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tm_hsm_agent.errors import ConfigError, PinError
 from tm_hsm_agent.paths import write_private
@@ -67,8 +68,29 @@ def check_secret_file(path: Path, what: str) -> None:
         )
 
 
+def check_credential_file(path: Path) -> None:
+    """A systemd credential: in a directory only this service sees, maybe root-owned 0400
+    plus an ACL for the service user (so mode 0440). Refuse only what others could change."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ConfigError(f"systemd credential {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"systemd credential {path} is not a regular file")
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"systemd credential {path} belongs to uid {st.st_uid}; refused")
+    if st.st_mode & 0o027:  # group read is systemd's ACL mask for User= services
+        raise ConfigError(
+            f"systemd credential {path} has mode {stat.S_IMODE(st.st_mode):04o}; others may "
+            "read or change it; refused"
+        )
+
+
 def _read_pin_file(path: Path, what: str) -> str:
-    check_secret_file(path, what)
+    if what == "systemd credential":
+        check_credential_file(path)
+    else:
+        check_secret_file(path, what)
     text = path.read_text(encoding="utf-8")
     # One trailing newline is what `echo PIN > file` leaves; anything else is the PIN.
     return text[:-1] if text.endswith("\n") else text
@@ -110,19 +132,42 @@ def pin_source(
 
 @dataclass
 class RejectedPins:
-    """The 0600 state file of PINs a token refused, keyed by token serial."""
+    """The 0600 state file of PINs a token refused: ``{serial: [{salt, hash, at}, ...]}``.
+
+    Every refused PIN is kept (the newest ``KEEP`` per token): on a YubiKey, trying A,
+    then B, then A again would use up all three tries.
+    """
 
     path: Path
+    KEEP = 8
 
-    def _load(self) -> dict[str, dict[str, object]]:
+    def _damaged(self, why: str) -> PinError:
+        # A damaged file must not turn into "no PIN was ever refused", nor be overwritten.
+        return PinError(
+            f"the rejected-PIN record {self.path} is damaged ({why}); inspect or remove it "
+            "(`tm-hsm-agent pin forget` rewrites it)"
+        )
+
+    def _load(self) -> dict[str, list[dict[str, Any]]]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
-            # A damaged file must not turn into "no PIN was ever refused".
-            raise PinError(f"cannot read the rejected-PIN record {self.path}: {e}") from e
-        return data if isinstance(data, dict) else {}
+            raise self._damaged(str(e)) from e
+        if not isinstance(data, dict):
+            raise self._damaged("not a JSON object")
+        for serial, entries in data.items():
+            if not isinstance(entries, list):
+                raise self._damaged(f"entry for {serial} is not a list")
+            for entry in entries:
+                try:
+                    bytes.fromhex(entry["salt"])
+                    bytes.fromhex(entry["hash"])
+                    float(entry["at"])
+                except (TypeError, KeyError, ValueError):
+                    raise self._damaged(f"malformed entry for {serial}") from None
+        return data
 
     @staticmethod
     def _hash(pin: str, salt: bytes, serial: str) -> bytes:
@@ -130,35 +175,37 @@ class RejectedPins:
 
     def check(self, serial: str, pin: Pin) -> None:
         """Raise PinError if this PIN was refused by this token before."""
-        entry = self._load().get(serial)
-        if not entry:
-            return
-        salt = bytes.fromhex(str(entry["salt"]))
-        if hmac.compare_digest(self._hash(pin.reveal(), salt, serial).hex(), str(entry["hash"])):
-            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(str(entry["at"]))))
-            raise PinError(
-                f"the PIN from {pin.source} was refused by token {serial} at {when}; "
-                "it is not presented again (a token locks after a few wrong PINs). "
-                "Fix the PIN source, or clear the record with `tm-hsm-agent pin forget`"
-            )
+        for entry in self._load().get(serial, []):
+            digest = self._hash(pin.reveal(), bytes.fromhex(entry["salt"]), serial).hex()
+            if hmac.compare_digest(digest, entry["hash"]):
+                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(entry["at"])))
+                raise PinError(
+                    f"the PIN from {pin.source} was refused by token {serial} at {when}; "
+                    "it is not presented again (a token locks after a few wrong PINs). "
+                    "Fix the PIN source, or clear the record with `tm-hsm-agent pin forget`"
+                )
 
     def remember(self, serial: str, pin: Pin) -> None:
         data = self._load()
         salt = secrets.token_bytes(16)
-        data[serial] = {
-            "salt": salt.hex(),
-            "hash": self._hash(pin.reveal(), salt, serial).hex(),
-            "at": time.time(),
-        }
+        entry = {"salt": salt.hex(), "hash": self._hash(pin.reveal(), salt, serial).hex(),
+                 "at": time.time()}
+        data[serial] = [*data.get(serial, []), entry][-self.KEEP:]
         write_private(self.path, json.dumps(data, indent=1).encode())
 
     def forget(self, serial: str | None = None) -> int:
-        data = self._load()
+        """Drop the records (of one token, or all); returns how many PINs were forgotten."""
         if serial is None:
-            count = len(data)
-            data = {}
-        else:
-            count = 1 if data.pop(serial, None) else 0
+            # Forgetting everything also clears a damaged file, so do not parse it first.
+            try:
+                count = sum(len(v) for v in self._load().values())
+            except PinError:
+                count = 1
+            if count:
+                write_private(self.path, b"{}")
+            return count
+        data = self._load()
+        count = len(data.pop(serial, []))
         if count:
             write_private(self.path, json.dumps(data, indent=1).encode())
         return count

@@ -23,6 +23,7 @@ import socket
 import stat
 import struct
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -64,13 +65,8 @@ class Stats:
     latency_sum: float = 0.0
 
     def observe(self, seconds: float) -> None:
-        i = 0
-        for i, bound in enumerate(LATENCY_BUCKETS):  # noqa: B007
-            if seconds <= bound:
-                break
-        else:
-            i = len(LATENCY_BUCKETS)
-        self.latency_counts[i] += 1
+        # bisect_left: the first bucket whose bound is >= seconds (Prometheus "le")
+        self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 
 
@@ -299,11 +295,7 @@ class _Conn(asyncio.Protocol):
         else:
             self._drain()
 
-    # httptools callbacks
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.body = b""
-
+    # httptools callbacks (url and body are reset when a message completes)
     def on_url(self, url: bytes) -> None:
         self.url += url
 
@@ -321,25 +313,30 @@ class _Conn(asyncio.Protocol):
             raise _TooLarge(413, "request body too large")
 
     def on_message_complete(self) -> None:
-        method = self.parser.get_method()
-        keep = self.parser.should_keep_alive()
-        self.queue.append((method, self.url, keep, self.body))
+        parser = self.parser
+        url, body, self.url, self.body = self.url, self.body, b"", b""
         self.in_request = False
         self.header_bytes = 0
         self.deadline = self.srv.loop.time() + self.srv.limits.idle_timeout
+        if self.busy or self.queue:  # pipelined behind a request still being answered
+            self.queue.append((parser.get_method(), url, parser.should_keep_alive(), body))
+        elif not self.closing:
+            self._answer(parser.get_method(), url, parser.should_keep_alive(), body)
 
     # answering, in order
     def _drain(self) -> None:
         while self.queue and not self.busy and not self.closing:
-            method, url, keep, body = self.queue.pop(0)
-            started = time.perf_counter()
-            out = self.srv.handle_fast(self, method, url, keep)
-            if out is not None:
-                self._write(out, keep, started)
-                continue
-            self.busy = True
-            task = self.srv.loop.create_task(self.srv.handle_slow(self, method, url, keep, body))
-            task.add_done_callback(functools.partial(self._slow_done, keep=keep, started=started))
+            self._answer(*self.queue.pop(0))
+
+    def _answer(self, method: bytes, url: bytes, keep: bool, body: bytes) -> None:
+        started = time.perf_counter()
+        out = self.srv.handle_fast(self, method, url, keep)
+        if out is not None:
+            self._write(out, keep, started)
+            return
+        self.busy = True
+        task = self.srv.loop.create_task(self.srv.handle_slow(self, method, url, keep, body))
+        task.add_done_callback(functools.partial(self._slow_done, keep=keep, started=started))
 
     def _slow_done(self, task: asyncio.Task[bytes], *, keep: bool, started: float) -> None:
         self.busy = False
@@ -418,7 +415,7 @@ class AgentServer:
 
     # the hot path: a cached token needs no await
     def handle_fast(self, conn: _Conn, method: bytes, url: bytes, keep: bool) -> bytes | None:
-        path = url.split(b"?", 1)[0]
+        path = url if b"?" not in url else url.split(b"?", 1)[0]
         if path == b"/v1/token" and method == b"GET":
             tok = self.cache.current()
             if tok is None:
