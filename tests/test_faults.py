@@ -194,6 +194,9 @@ def test_a_different_token_under_the_same_label_is_refused(agent_env, softhsm, t
     result = cli("pubkey", env=other_env)
     assert result.returncode == EXIT_TOKEN
     assert "refusing a different token or key" in result.stderr
+    reset = cli("identity", "reset", env=other_env)
+    assert reset.returncode == 0 and "forgot pinned identity" in reset.stderr
+    assert cli("pubkey", env=other_env).returncode == 0  # re-pinned to the new token
 
 
 @pytest.mark.parametrize("sandbox", [{"access_ttl": 6.0}], indirect=True)

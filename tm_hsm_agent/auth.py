@@ -15,7 +15,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from functools import cached_property
@@ -70,6 +70,7 @@ class TokenSet:
     issued_at: float  # server clock when received
     key_id: str
     via: str  # "mint" | "refresh"
+    answer: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)  # as received
 
     @property
     def lifetime(self) -> float:
@@ -213,7 +214,7 @@ class AuthClient:
         if isinstance(exp, (int, float)) and not isinstance(exp, bool):
             # Never trust expires_in past the JWT's own exp.
             expires_at = min(expires_at, float(exp))
-        return TokenSet(access, refresh, "Bearer", expires_at, now, key_id, via)
+        return TokenSet(access, refresh, "Bearer", expires_at, now, key_id, via, dict(data))
 
     # -- API -------------------------------------------------------------------------
 

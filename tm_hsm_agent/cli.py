@@ -113,20 +113,9 @@ def mint(obj: Ctx, as_json: bool) -> None:
     finally:
         token.close()
     if as_json:
-        click.echo(json.dumps(_token_json(tokens), indent=2))
+        click.echo(json.dumps(tokens.answer, indent=2))  # the API's answer, as received
     else:
         click.echo(tokens.access_token)
-
-
-def _token_json(tokens: Any) -> dict[str, Any]:
-    from datetime import UTC, datetime
-
-    return {
-        "access_token": tokens.access_token,
-        "refresh_token": tokens.refresh_token,
-        "expires_in": datetime.fromtimestamp(tokens.expires_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "token_type": tokens.token_type,
-    }
 
 
 @cli.command()
@@ -191,6 +180,33 @@ def systemd_unit(which: str | None) -> None:
 
     name = "tm-hsm-agent.socket" if which == "socket" else "tm-hsm-agent.service"
     click.echo(files("tm_hsm_agent").joinpath("data", name).read_text(), nl=False)
+
+
+@cli.group()
+def identity() -> None:
+    """The token serial and key fingerprint pinned at first use."""
+
+
+@identity.command("show")
+@click.pass_obj
+def identity_show(obj: Ctx) -> None:
+    """Print the pinned identities."""
+    path = obj.cfg.state_path / "identity.json"
+    click.echo(path.read_text() if path.exists() else "{}")
+
+
+@identity.command("reset")
+@click.pass_obj
+def identity_reset(obj: Ctx) -> None:
+    """Forget the pinned identity of the configured token/key (a replacement was intended)."""
+    from tm_hsm_agent.token import IdentityPins
+
+    token = app.open_token(obj.cfg)
+    try:
+        done = IdentityPins(obj.cfg.state_path / "identity.json").reset(token.identity_name)
+    finally:
+        token.close()
+    click.echo(f"{'forgot' if done else 'no'} pinned identity for {token.identity_name}", err=True)
 
 
 @cli.group()

@@ -94,7 +94,7 @@ class IdentityPins:
                 f"{name}: expected token serial {seen.get('serial')} with key "
                 f"{seen.get('thumbprint')}, found serial {serial} with key {thumbprint}; "
                 f"refusing a different token or key. If the change is intended, "
-                f"run `tm-hsm-agent pin-identity --reset`"
+                f"run `tm-hsm-agent identity reset`"
             )
 
     def reset(self, name: str) -> bool:
