@@ -25,6 +25,7 @@ from tm_hsm_agent.config import Config
 from tm_hsm_agent.errors import EXIT_PIN, PinError, TmHsmError, TokenUnavailable
 from tm_hsm_agent.server import AgentServer, Limits, bind_socket, systemd_socket
 from tm_hsm_agent.signer import Es256Signer
+from tm_hsm_agent.token import TokenHandle
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] |
                 path.unlink()
 
 
-async def _serve(server: AgentServer, sock: object, fatal: list[BaseException], token: object) -> None:
+async def _serve(server: AgentServer, sock: object, fatal: list[BaseException],
+                 token: TokenHandle) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,10 +130,15 @@ async def _serve(server: AgentServer, sock: object, fatal: list[BaseException], 
 
 
 async def _watch(server: AgentServer, fatal: list[BaseException], stop: asyncio.Event,
-                 token: object) -> None:
-    """Stop on a fatal error; probe the token now and then so status shows presence."""
+                 token: TokenHandle) -> None:
+    """Stop on a fatal error; probe the token now and then so status shows presence.
+
+    A probe can log in again (after the token came back): a PIN or identity failure
+    found that way is as fatal as one found by a mint.
+    """
     probe_every = 2.0
     last_probe = 0.0
+    loop = asyncio.get_running_loop()
     while not stop.is_set():
         if fatal:
             stop.set()
@@ -139,7 +146,9 @@ async def _watch(server: AgentServer, fatal: list[BaseException], stop: asyncio.
         now = time.monotonic()
         if now - last_probe >= probe_every:
             last_probe = now
-            probe = getattr(token, "probe", None)
-            if probe is not None:
-                await asyncio.get_running_loop().run_in_executor(None, probe)
+            try:
+                await loop.run_in_executor(None, token.probe)
+            except TmHsmError as e:
+                if not e.retryable:
+                    fatal.append(e)
         await asyncio.sleep(0.2)

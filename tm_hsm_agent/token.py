@@ -402,8 +402,8 @@ class TokenHandle:
         return True
 
     def _probe_op(self) -> None:
-        session = self._ensure()
-        session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=self.key_label)
+        self._load_key()  # after a reconnect: the key is looked up and its identity checked
+        self._find_private_key(self._session)  # a real round trip to the token every probe
 
     def generate_key(self, cka_id: bytes | None = None) -> KeyInfo:
         """Make an EC P-256 key pair on the token: sign-only, sensitive, never extractable."""
