@@ -31,3 +31,36 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+class SoftSigner:
+    """The signer seam with a software P-256 key (unit tests of the layers above the token).
+
+    ``broken`` makes it return a well-formed 64-byte signature that verifies for nothing.
+    """
+
+    def __init__(self) -> None:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.calls: list[tuple[str, int, str]] = []
+        self.broken = False
+
+    def pem(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+
+        return self.key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+
+    def sign_challenge(self, key_id: str, timestamp: int, purpose: str = "mint") -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from tm_hsm_agent.jose import b64url_encode, der_to_raw
+
+        self.calls.append((key_id, timestamp, purpose))
+        if self.broken:
+            return b64url_encode(bytes(range(64)))
+        der = self.key.sign(f"{key_id}.{timestamp}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
+        return b64url_encode(der_to_raw(der))

@@ -16,30 +16,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import SoftSigner
 
 from tm_hsm_agent.auth import AuthClient, JwksVerifier, ServerClock, classify, parse_expires_in
 from tm_hsm_agent.errors import ApiRejected, ApiTransient, TokenVerifyError
-from tm_hsm_agent.jose import b64url_encode, decode_unverified, der_to_raw, verify_jwt
-
-
-class SoftSigner:
-    """Implements ``sign_challenge(key_id, timestamp, purpose)`` with a software P-256 key."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.calls: list[tuple[str, int, str]] = []
-
-    def pem(self) -> str:
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
-
-    def sign_challenge(self, key_id: str, timestamp: int, purpose: str = "mint") -> str:
-        self.calls.append((key_id, timestamp, purpose))
-        der = self.key.sign(f"{key_id}.{timestamp}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
-        return b64url_encode(der_to_raw(der))
+from tm_hsm_agent.jose import b64url_encode, decode_unverified, verify_jwt
 
 
 class GarbageSigner(SoftSigner):

@@ -14,9 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from helpers import wait_for
+from helpers import SoftSigner, wait_for
 
 from tm_hsm_agent.auth import AuthClient, JwksVerifier, ServerClock, TokenSet
 from tm_hsm_agent.cache import FAILURE_TABLE, CachePolicy, TokenCache, classify_failure
@@ -35,30 +33,9 @@ from tm_hsm_agent.errors import (
     TokenUnavailable,
     TokenVerifyError,
 )
-from tm_hsm_agent.jose import b64url_encode, der_to_raw, verify_jwt
+from tm_hsm_agent.jose import verify_jwt
 
 UNREGISTERED = "00000000-0000-4000-8000-000000000000"
-
-
-class SoftSigner:
-    """``sign_challenge`` with a software P-256 key; ``broken`` makes it sign garbage."""
-
-    def __init__(self) -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.calls: list[tuple[str, int, str]] = []
-        self.broken = False
-
-    def pem(self) -> str:
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ).decode()
-
-    def sign_challenge(self, key_id: str, timestamp: int, purpose: str = "mint") -> str:
-        self.calls.append((key_id, timestamp, purpose))
-        if self.broken:
-            return b64url_encode(bytes(range(64)))
-        der = self.key.sign(f"{key_id}.{timestamp}".encode("ascii"), ec.ECDSA(hashes.SHA256()))
-        return b64url_encode(der_to_raw(der))
 
 
 class PinFailingSigner(SoftSigner):

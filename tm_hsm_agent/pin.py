@@ -51,46 +51,31 @@ class Pin:
     __str__ = __repr__
 
 
-def check_secret_file(path: Path, what: str) -> None:
-    """A secret file must belong to this user and carry no group/other bits (0600 or 0400)."""
+def check_secret_file(path: Path, what: str, *, credential: bool = False) -> None:
+    """A secret file must be a regular file of this user with no group/other bits (0600, 0400).
+
+    A systemd ``credential`` may also belong to root and show group read: systemd gives a
+    ``User=`` service a root-owned 0400 file plus an ACL for the user, which stat shows as
+    0440. It lives in a directory only that service sees.
+    """
+    owners, forbidden = ((os.getuid(), 0), 0o027) if credential else ((os.getuid(),), 0o077)
     try:
         st = path.stat()
     except OSError as e:
         raise ConfigError(f"{what} {path}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise ConfigError(f"{what} {path} is not a regular file")
-    if st.st_uid != os.getuid():
+    if st.st_uid not in owners:
         raise ConfigError(f"{what} {path} belongs to uid {st.st_uid}, not to this user; refused")
-    if st.st_mode & 0o077:
+    if st.st_mode & forbidden:
         raise ConfigError(
             f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; "
             f"it must be 0600 or 0400 (chmod 600 {path})"
         )
 
 
-def check_credential_file(path: Path) -> None:
-    """A systemd credential: in a directory only this service sees, maybe root-owned 0400
-    plus an ACL for the service user (so mode 0440). Refuse only what others could change."""
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise ConfigError(f"systemd credential {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"systemd credential {path} is not a regular file")
-    if st.st_uid not in (os.getuid(), 0):
-        raise ConfigError(f"systemd credential {path} belongs to uid {st.st_uid}; refused")
-    if st.st_mode & 0o027:  # group read is systemd's ACL mask for User= services
-        raise ConfigError(
-            f"systemd credential {path} has mode {stat.S_IMODE(st.st_mode):04o}; others may "
-            "read or change it; refused"
-        )
-
-
 def _read_pin_file(path: Path, what: str) -> str:
-    if what == "systemd credential":
-        check_credential_file(path)
-    else:
-        check_secret_file(path, what)
+    check_secret_file(path, what, credential=what == "systemd credential")
     text = path.read_text(encoding="utf-8")
     # One trailing newline is what `echo PIN > file` leaves; anything else is the PIN.
     return text[:-1] if text.endswith("\n") else text
