@@ -9,8 +9,11 @@ command -v softhsm2-util >/dev/null 2>&1 || need+=(softhsm2)
 command -v pkcs11-tool   >/dev/null 2>&1 || need+=(opensc)
 command -v certtool      >/dev/null 2>&1 || need+=(gnutls-bin)
 command -v p11-kit       >/dev/null 2>&1 || need+=(p11-kit)
-ls /usr/lib/*/pkcs11/p11-kit-client.so /usr/lib/pkcs11/p11-kit-client.so >/dev/null 2>&1 \
-  || need+=(p11-kit-modules)
+have_client=no
+for f in /usr/lib/*/pkcs11/p11-kit-client.so /usr/lib/pkcs11/p11-kit-client.so; do
+  [ -e "$f" ] && have_client=yes
+done
+[ "$have_client" = yes ] || need+=(p11-kit-modules)
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 
