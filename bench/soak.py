@@ -1,5 +1,6 @@
 """Soak: the agent against the sandbox with 4 s tokens, 10% random API faults, the remote
-token (p11-kit server) dropped and restored, and 50 polling clients.
+token (p11-kit server) dropped and restored (with refresh tokens revoked so that mints are
+needed, with the token there and without), and 50 polling clients.
 
     python bench/soak.py --duration 60 [--json out.json]
 
@@ -104,14 +105,24 @@ def run(h: Harness, args: argparse.Namespace) -> int:
         sandbox.clear_faults()
 
     def token_drops() -> None:
+        # Each cycle: a refresh token revoked while the token is present (a mint must
+        # follow and succeed), then the token dropped, and while it is away the refresh
+        # token revoked again, so a signature is needed and cannot be had until it returns.
         n = max(args.drops, 4)
         gap = args.duration / (n + 1)
         for _ in range(n):
-            if stop.wait(gap * 0.6):
+            if stop.wait(gap * 0.25):
+                return
+            sandbox.revoke_refresh_tokens()
+            counts["revocations"] += 1
+            if stop.wait(gap * 0.25):
                 return
             h.drop_token_server()
             counts["token_drops"] += 1
-            stop.wait(gap * 0.4)
+            stop.wait(gap * 0.1)
+            sandbox.revoke_refresh_tokens()
+            counts["revocations"] += 1
+            stop.wait(gap * 0.4)  # longer than a token's life: clients see 503s meanwhile
             h.start_token_server()
 
     threads = [threading.Thread(target=poller, daemon=True) for _ in range(args.clients)]
@@ -146,6 +157,7 @@ def run(h: Harness, args: argparse.Namespace) -> int:
         "refreshes": stats["refreshes"],
         "api_faults_injected": stats["faults_injected"],
         "token_drops": counts["token_drops"],
+        "refresh_revocations": counts["revocations"],
         "agent_failures_by_kind": {k[8:]: v for k, v in status["counters"].items()
                                    if k.startswith("failure:")},
         "rss_mb_start": round(start_rss, 1),

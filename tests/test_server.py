@@ -157,3 +157,51 @@ def test_metrics_are_prometheus_text(server):
     assert 'tm_agent_request_seconds_bucket{le="+Inf"} 1\n' in text
     for line in text.splitlines():
         assert line.startswith("#") or len(line.split()) == 2, line
+
+
+def test_a_body_in_the_same_write_counts_as_body_not_header(server):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(b"POST /v1/token/refresh HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n" + b"x" * 20000)
+    assert _read_all(s).startswith(b"HTTP/1.1 413 ")
+
+
+def test_many_pipelined_requests_in_one_write_are_all_answered(server):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 399
+              + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = _read_all(s)
+    assert out.count(b"HTTP/1.1 200 OK") == 400 and b" 431 " not in out
+
+
+def test_a_header_streamed_in_pieces_is_cut_off(server):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(b"GET /v1/token HTTP/1.1\r\nX-Big: ")
+    try:
+        for _ in range(64):  # 64 x 1 KiB: past the 16 KiB limit before any header completes
+            s.sendall(b"a" * 1024)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert _read_all(s).startswith(b"HTTP/1.1 431 ")
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    b"CONNECT agent:80 HTTP/1.1\r\nHost: agent:80\r\n\r\n",
+])
+def test_upgrade_and_connect_get_exactly_one_answer(server, request_bytes):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(request_bytes)
+    out = _read_all(s)
+    assert out.count(b"HTTP/1.1 ") == 1, out
+
+
+def test_http09_is_refused(server):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(b"GET /v1/token\r\n\r\n")
+    out = _read_all(s)
+    assert out.startswith(b"HTTP/1.1 400 ") and b"aaa.bbb.ccc" not in out

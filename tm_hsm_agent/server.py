@@ -212,7 +212,7 @@ class _Prepared:
 class _Conn(asyncio.Protocol):
     __slots__ = (
         "srv", "transport", "parser", "url", "header_bytes", "body", "queue", "busy",
-        "closing", "peer", "deadline", "in_request", "in_head",
+        "closing", "peer", "deadline", "in_request", "in_head", "raw_head", "done_in_chunk",
     )
 
     def __init__(self, srv: AgentServer) -> None:
@@ -229,6 +229,8 @@ class _Conn(asyncio.Protocol):
         self.deadline = 0.0  # loop time; checked by the server's once-a-second sweep
         self.in_request = False
         self.in_head = False
+        self.raw_head = 0
+        self.done_in_chunk = 0
 
     # connection lifecycle
     def connection_made(self, transport: Any) -> None:
@@ -272,51 +274,64 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        if not self.in_request:
-            self.in_request = True
-            self.in_head = True
-            self.deadline = self.srv.loop.time() + self.srv.limits.request_timeout
+        self.done_in_chunk = 0
         try:
-            if self.in_head:
-                # Count raw bytes until the headers end: llhttp buffers a header value
-                # whole before calling back, so waiting for on_header lets 2 MB pile up.
-                self._count(len(data))
             self.parser.feed_data(data)
+            if self.in_head and not self.done_in_chunk:
+                # Headers still incomplete, and every byte of this chunk is theirs (no
+                # message ended in it). llhttp buffers a header value whole before
+                # calling back, so without this raw count 2 MB could pile up.
+                self.raw_head += len(data)
+                if self.raw_head > self.srv.limits.max_header_bytes:
+                    raise _Reject(431, "request headers too large")
         except httptools.HttpParserUpgrade:
-            self._bad(400, "upgrades are not supported")
+            # llhttp has completed (and we answered) the request before this: say no more.
+            self.closing = True
+            self.transport.close()
         except httptools.HttpParserError as e:
             cause = e.__context__ or e.__cause__
-            if isinstance(cause, _TooLarge):
+            if isinstance(cause, _Reject):
                 self._bad(cause.status, str(cause))
             else:
                 self._bad(400, f"malformed HTTP request: {e}")
-        except _TooLarge as e:
+        except _Reject as e:
             self._bad(e.status, str(e))
         else:
             self._drain()
 
-    # httptools callbacks (url and body are reset when a message completes)
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.in_request = self.in_head = True
+        self.header_bytes = self.raw_head = 0
+        self.deadline = self.srv.loop.time() + self.srv.limits.request_timeout
+
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        if self.parser.get_http_version() not in ("1.1", "1.0"):
+            raise _Reject(400, "only HTTP/1.0 and HTTP/1.1 are supported")
 
     def _count(self, n: int) -> None:
         self.header_bytes += n
         if self.header_bytes > self.srv.limits.max_header_bytes:
-            raise _TooLarge(431, "request headers too large")
+            raise _Reject(431, "request headers too large")
 
     def on_body(self, body: bytes) -> None:
         self.body += body
         if len(self.body) > self.srv.limits.max_body_bytes:
-            raise _TooLarge(413, "request body too large")
+            raise _Reject(413, "request body too large")
 
     def on_message_complete(self) -> None:
         parser = self.parser
         url, body, self.url, self.body = self.url, self.body, b"", b""
         self.in_request = False
-        self.header_bytes = 0
+        self.done_in_chunk += 1
         self.deadline = self.srv.loop.time() + self.srv.limits.idle_timeout
         if self.busy or self.queue:  # pipelined behind a request still being answered
             self.queue.append((parser.get_method(), url, parser.should_keep_alive(), body))
@@ -367,7 +382,7 @@ class _Conn(asyncio.Protocol):
         self.transport.close()
 
 
-class _TooLarge(Exception):
+class _Reject(Exception):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
