@@ -11,8 +11,10 @@ deps:
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,fast]'
+	@echo "installing Python packages into $(VENV) (log: $(VENV)/pip.log)"
+	@{ $(BIN)/python -m pip install --upgrade pip && \
+	   $(BIN)/python -m pip install -e '.[test,fast]'; } > $(VENV)/pip.log 2>&1 \
+	   || { cat $(VENV)/pip.log; exit 1; }
 	@touch $@
 
 venv: deps $(STAMP)

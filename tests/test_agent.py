@@ -346,3 +346,14 @@ def test_group_mode_socket_lets_the_named_group_in(start_agent):
     )
     assert result.stdout.strip() == "Bearer", result.stderr
     assert agent.stop() == 0
+
+
+def test_token_cli_when_the_agent_has_no_token(start_agent, sandbox, agent_env):
+    from tm_hsm_agent.errors import EXIT_NO_TOKEN
+
+    sandbox.state.set_faults(mode="status", status=503, count=-1)
+    agent = start_agent()
+    result = cli("token", env=agent_env)
+    assert result.returncode == EXIT_NO_TOKEN
+    assert "the agent answered 503" in result.stderr and "no valid token: no valid" not in result.stderr
+    assert agent.stop() == 0

@@ -161,6 +161,7 @@ def test_serve_with_wrong_pin_exits_with_pin_status_after_one_attempt(start_agen
     env = {**_spy_env(softhsm, tmp_path), "TM_PIN": "999999"}
     agent = start_agent(env=env, ready=False)
     assert agent.proc.wait(30) == EXIT_PIN
+    assert "tm-hsm-agent: error: token" in agent.output() and "refused the PIN" in agent.output()
     assert _logins(tmp_path / "spy.log") == 1
     again = start_agent(env=env, ready=False)  # what systemd's restart would do
     assert again.proc.wait(30) == EXIT_PIN

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -126,3 +127,29 @@ def test_sandbox_fault_and_revoke_from_the_cli(sandbox, agent_env):
     assert cli("mint", env=agent_env).returncode == 0
     revoked = cli("sandbox", "revoke", "--url", origin)
     assert revoked.returncode == 0 and json.loads(revoked.stdout)["revoked"] >= 1
+
+
+def test_non_uuid_key_id_is_refused_before_anything_is_signed(agent_env):
+    result = cli("mint", env={**agent_env, "TM_KEY_ID": "not-a-uuid"})
+    assert result.returncode == EXIT_CONFIG
+    assert "key_id from environment TM_KEY_ID" in result.stderr and "UUID" in result.stderr
+    audit = os.path.join(agent_env["XDG_STATE_HOME"], "tm-hsm-agent", "audit.log")
+    assert not os.path.exists(audit) or '"event":"sign"' not in open(audit).read()
+
+
+def test_empty_pin_file_is_refused_without_a_login(agent_env, tmp_path):
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("")
+    os.chmod(pin_file, 0o600)
+    env = {**agent_env, "TM_PIN": "", "TM_PIN_FILE": str(pin_file)}
+    result = cli("pubkey", env=env)
+    assert result.returncode == EXIT_CONFIG
+    assert "is empty" in result.stderr
+
+
+def test_verify_garbage_is_a_verification_error(agent_env):
+    from tm_hsm_agent.errors import EXIT_VERIFY
+
+    result = cli("verify", "not.a.jwt", env=agent_env)
+    assert result.returncode == EXIT_VERIFY
+    assert result.stderr.startswith("tm-hsm-agent: error: token does not verify")

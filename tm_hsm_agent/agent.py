@@ -16,13 +16,14 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from tm_hsm_agent import app
 from tm_hsm_agent.audit import AuditLog
 from tm_hsm_agent.auth import JwksVerifier
 from tm_hsm_agent.cache import CachePolicy, TokenCache
 from tm_hsm_agent.config import Config
-from tm_hsm_agent.errors import EXIT_PIN, PinError, TmHsmError, TokenUnavailable
+from tm_hsm_agent.errors import TmHsmError, TokenUnavailable
 from tm_hsm_agent.server import AgentServer, Limits, bind_socket, systemd_socket
 from tm_hsm_agent.signer import Es256Signer
 from tm_hsm_agent.token import TokenHandle
@@ -53,7 +54,9 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] | None = None) -> int:
+def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. A fatal error (PIN, identity, configuration) is raised
+    after everything is closed, so the CLI's error funnel reports it and sets the status."""
     started = time.time()
     key_id = cfg.require("key_id", app.UUID_HELP)
     client = app.auth_client(cfg)  # fails early on a missing TM_ENV / TM_AUTH_URL
@@ -79,7 +82,12 @@ def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] |
             signer,
             key_id,
             verifier=JwksVerifier(client) if options.verify_tokens else None,
-            policy=CachePolicy(backoff_cap=cfg.backoff_cap, wait_timeout=options.wait_timeout),
+            policy=CachePolicy(
+                backoff_cap=cfg.backoff_cap,
+                wait_timeout=options.wait_timeout,
+                # a mint may take two API calls (clock-skew retry) and a token operation
+                force_timeout=2 * cfg.http_timeout + cfg.token_timeout + 1,
+            ),
             on_fatal=fatal.append,
         )
         server = AgentServer(
@@ -95,17 +103,11 @@ def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] |
         _event_loop_policy()
         cache.start(prefetch=options.prefetch)
         try:
-            asyncio.run(_serve(server, sock, fatal, token))
+            asyncio.run(_serve(server, sock, fatal, token, path))
         finally:
-            cache.stop()
+            cache.stop(timeout=5)
         if fatal:
-            err = fatal[0]
-            log.error("stopping: %s", err)
-            return err.exit_code if isinstance(err, TmHsmError) else 1
-        return 0
-    except PinError as e:
-        log.error("%s", e)
-        return EXIT_PIN
+            raise fatal[0]
     finally:
         token.close()
         audit.close()
@@ -116,13 +118,13 @@ def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] |
 
 
 async def _serve(server: AgentServer, sock: object, fatal: list[BaseException],
-                 token: TokenHandle) -> None:
+                 token: TokenHandle, path: Path) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start(sock)  # type: ignore[arg-type]
-    log.info("agent serving (pid %d)", os.getpid())
+    log.info("agent serving on %s (pid %d)", path, os.getpid())
     probe = loop.create_task(_watch(server, fatal, stop, token))
     await stop.wait()
     probe.cancel()

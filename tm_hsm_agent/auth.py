@@ -130,6 +130,23 @@ def classify(status: int, message: str, retry_after: float | None) -> ApiError:
     return ApiRejected(text, status=status, server_message=message)
 
 
+def _brief(err: requests.RequestException) -> str:
+    """One readable clause for a transport failure (requests' own text runs to lines)."""
+    text = str(err)
+    for needle, brief in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "host name not found"),
+        ("Temporary failure in name resolution", "host name lookup failed"),
+        ("No route to host", "no route to host"),
+        ("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted"),
+        ("Connection reset", "connection reset"),
+        ("RemoteDisconnected", "connection closed without an answer"),
+    ):
+        if needle in text:
+            return brief
+    return f"{type(err).__name__}: {text[:160]}"
+
+
 def _retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -168,8 +185,9 @@ class AuthClient:
         except requests.Timeout as e:
             raise ApiTransient(f"{what}: no answer within {self.timeout:.0f}s") from e
         except requests.RequestException as e:
-            raise ApiTransient(f"{what}: {type(e).__name__}: {e}") from e
+            raise ApiTransient(f"{what}: {_brief(e)}") from e
         self.clock.learn(resp.headers.get("Date"), time.time())
+        log.debug("%s -> HTTP %d (server clock offset %+.1fs)", what, resp.status_code, self.clock.offset)
         try:
             content = resp.content
         except requests.RequestException as e:

@@ -54,6 +54,7 @@ class CachePolicy:
     backoff_base: float = 0.5
     backoff_cap: float = 4.0
     wait_timeout: float = 5.0  # how long a client waits when no valid token is at hand
+    force_timeout: float = 30.0  # how long a forced refresh may take (it may mint: sign + API)
 
 
 # One place that says what a failure means for the cache: (kind, what to do).
@@ -202,7 +203,7 @@ class TokenCache:
         Returns once a forced attempt that *started after this call* has finished
         (a refused refresh and the mint that follows it count as one).
         """
-        timeout = self.policy.wait_timeout if timeout is None else timeout
+        timeout = self.policy.force_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         with self._cond:
             if self._fatal is not None:
@@ -215,7 +216,10 @@ class TokenCache:
             while self._forced_done < target:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._timeout_error(timeout)
+                    still = " (the current token is still being served)" if self.current() else ""
+                    raise NoTokenAvailable(
+                        f"forced refresh did not finish within {timeout:.0f}s{still}", reason="timeout"
+                    )
                 self._cond.wait(remaining)
             if self._forced_error is not None:
                 raise NoTokenAvailable(

@@ -140,10 +140,8 @@ def serve(obj: Ctx, prefetch: bool, no_verify: bool) -> None:
     """Run the agent in the foreground: serve tokens on the Unix socket until SIGTERM."""
     from tm_hsm_agent.agent import AgentOptions, run_agent
 
-    code = run_agent(obj.cfg, AgentOptions(prefetch=prefetch, verify_tokens=not no_verify),
-                     prompt=_prompt)
-    if code:
-        sys.exit(code)
+    logsetup.at_least_info()  # a service says what it is doing without -v
+    run_agent(obj.cfg, AgentOptions(prefetch=prefetch, verify_tokens=not no_verify), prompt=_prompt)
 
 
 @cli.command("token")

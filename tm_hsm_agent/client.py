@@ -73,7 +73,7 @@ def get_token_info(path: str | os.PathLike[str] | None = None, timeout: float = 
     """The agent's whole answer: access_token, token_type, expires_at, key_id."""
     status, body = request("GET", "/v1/token", path, timeout)
     if status == 503:
-        raise NoTokenAvailable(f"agent has no valid token: {body.get('message')}",
+        raise NoTokenAvailable(f"the agent answered 503: {body.get('message')}",
                                reason=str(body.get("error")))
     if status != 200:
         raise AgentError(f"agent answered HTTP {status}: {body.get('message')}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +47,16 @@ def default_module() -> str | None:
 def _str(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("must be a non-empty string")
+    return value
+
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}")
+
+
+def _uuid(value: Any) -> str:
+    value = _str(value)
+    if not _UUID.fullmatch(value):
+        raise ValueError(f"must be the UUID the API Keys page returned, got {value!r}")
     return value
 
 
@@ -114,7 +125,7 @@ KEYS: tuple[Key, ...] = (
     Key("token_serial", "TM_TOKEN_SERIAL", _str, None, "token serial"),
     Key("key_label", "TM_KEY_LABEL", _str, "tm-api-key", "key label on the token"),
     Key("pin_file", "TM_PIN_FILE", _str, None, "file holding the user PIN (0600/0400)"),
-    Key("key_id", "TM_KEY_ID", _str, None, "key_id (UUID) from the API Keys page"),
+    Key("key_id", "TM_KEY_ID", _uuid, None, "key_id (UUID) from the API Keys page"),
     Key("env", "TM_ENV", _env_name, None, "production | uat"),
     Key("auth_url", "TM_AUTH_URL", _url, None, "Auth API base URL"),
     Key("jwks_url", "TM_JWKS_URL", _url, None, "JWKS URL"),

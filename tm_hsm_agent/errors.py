@@ -15,6 +15,8 @@ EXIT_TOKEN = 4
 EXIT_API = 5
 EXIT_PIN = 78  # EX_CONFIG: a restart cannot fix a rejected or locked PIN.
 EXIT_AGENT = 6
+EXIT_NO_TOKEN = 7  # the agent answered, but has no valid token to give (503)
+EXIT_VERIFY = 8  # a JWT did not verify
 
 
 class TmHsmError(Exception):
@@ -105,7 +107,7 @@ class ApiRejected(ApiError):
 class TokenVerifyError(TmHsmError):
     """A JWT did not verify against the JWKS, or is malformed or expired."""
 
-    exit_code = EXIT_API
+    exit_code = EXIT_VERIFY
 
 
 class AgentError(TmHsmError):
@@ -117,7 +119,7 @@ class AgentError(TmHsmError):
 class NoTokenAvailable(TmHsmError):
     """The cache has no valid token to hand out; carries why."""
 
-    exit_code = EXIT_API
+    exit_code = EXIT_NO_TOKEN
 
     def __init__(self, message: str, *, reason: str = "unavailable") -> None:
         super().__init__(message)

@@ -35,4 +35,11 @@ def setup(verbosity: int = 0) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    logging.getLogger("urllib3").setLevel(max(level, logging.WARNING))
+    # urllib3's connection chatter only at -vv
+    logging.getLogger("urllib3").setLevel(level if verbosity >= 2 else logging.WARNING)
+
+
+def at_least_info() -> None:
+    root = logging.getLogger()
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)

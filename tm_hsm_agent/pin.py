@@ -78,7 +78,11 @@ def _read_pin_file(path: Path, what: str) -> str:
     check_secret_file(path, what, credential=what == "systemd credential")
     text = path.read_text(encoding="utf-8")
     # One trailing newline is what `echo PIN > file` leaves; anything else is the PIN.
-    return text[:-1] if text.endswith("\n") else text
+    pin = text[:-1] if text.endswith("\n") else text
+    if not pin:
+        # Refused here: presenting an empty PIN would cost one of the token's few tries.
+        raise ConfigError(f"{what} {path} is empty")
+    return pin
 
 
 PinSource = Callable[[], Pin]
