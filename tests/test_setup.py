@@ -16,7 +16,8 @@ def _as_nobody(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     if os.getuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv to run the script as an unprivileged user")
     return subprocess.run(
-        [shutil.which("setpriv") or "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "bash", str(SCRIPT)],
+        [shutil.which("setpriv") or "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "bash", str(SCRIPT)],
         capture_output=True, text=True, env=env, timeout=60,
     )
 
@@ -44,4 +45,5 @@ def test_missing_packages_print_the_exact_command():
         shutil.rmtree(base)
     assert result.returncode == 1
     assert "missing system packages: softhsm2 opensc gnutls-bin p11-kit" in result.stderr
-    assert "sudo apt-get update && sudo apt-get install -y softhsm2 opensc gnutls-bin p11-kit" in result.stderr
+    assert ("sudo apt-get update && sudo apt-get install -y softhsm2 opensc gnutls-bin p11-kit"
+            in result.stderr)
