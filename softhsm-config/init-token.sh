@@ -21,6 +21,8 @@ export SOFTHSM2_CONF="$dir/softhsm2.conf"
 if softhsm2-util --show-slots 2>/dev/null | grep -Eq "^[[:space:]]*Label:[[:space:]]+$label[[:space:]]*$"; then
   echo "token '$label' already initialised in $dir/tokens" >&2
 else
-  softhsm2-util --init-token --free --label "$label" --pin "$pin" --so-pin "$so_pin" >&2
+  out=$(softhsm2-util --init-token --free --label "$label" --pin "$pin" --so-pin "$so_pin" 2>&1) \
+    || { echo "$out" >&2; exit 1; }
+  echo "initialised SoftHSMv2 token '$label' in $dir/tokens" >&2
 fi
 echo "$SOFTHSM2_CONF"

@@ -26,6 +26,9 @@ def test_soak_60s(softhsm, tmp_path):
     assert report["failed_requests_while_valid_token"] == 0, report
     assert report["tokens_not_verifying"] == 0, report
     assert report["token_drops"] >= 4 and report["requests"] > 1000, report
-    assert report["refreshes"] >= 10, report  # 4 s tokens for 60 s: refreshed, not re-minted
+    # 4 s tokens for 60 s: mostly refreshed; each cycle's revocations force a mint (one with
+    # the token there, one after it comes back)
+    assert report["refreshes"] >= 5 and report["refresh_revocations"] >= 8, report
+    assert report["mints"] >= 5, report
     assert report["flat"], report
     assert result.returncode == 0, result.stdout + result.stderr
