@@ -497,7 +497,8 @@ def test_refresh_rotates_and_reuse_is_refused(desk: Desk) -> None:
     reused = desk.refresh(first["refresh_token"])
     assert reused.status_code == 401
     assert "already been used" in message_of(reused)
-    assert desk.refresh(second["refresh_token"]).status_code == 200
+    # and the reuse revoked the token rotated from it (see the family test below)
+    assert desk.refresh(second["refresh_token"]).status_code == 401
 
 
 def test_revoked_refresh_is_401(desk: Desk) -> None:
@@ -913,3 +914,16 @@ def test_bad_content_length_is_400(server: SandboxServer, length: str) -> None:
             data += chunk
     assert data.startswith(b"HTTP/1.1 400")
     assert b'"message"' in data
+
+
+def test_reusing_a_refresh_token_revokes_its_whole_rotation_family(desk: Desk) -> None:
+    first = desk.tokens()
+    second = desk.refresh(first["refresh_token"])
+    assert second.status_code == 200
+    reuse = desk.refresh(first["refresh_token"])
+    assert reuse.status_code == 401 and "family" in message_of(reuse)
+    # the token rotated from it is revoked too, so a thief and the owner both lose it
+    assert desk.refresh(second.json()["refresh_token"]).status_code == 401
+    # another mint starts a new family and is unaffected
+    other = desk.tokens()
+    assert desk.refresh(other["refresh_token"]).status_code == 200

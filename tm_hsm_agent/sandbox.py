@@ -104,6 +104,7 @@ class _ApiKey:
 class _RefreshRecord:
     key_id: str
     exp: int
+    family: str  # every token rotated from one mint shares it
     used: bool = False
     revoked: bool = False
 
@@ -407,7 +408,9 @@ class SandboxState:
             sig = der_to_raw(key.sign(data, ec.ECDSA(hashes.SHA256())))  # RFC 7518: raw r||s
         return signing_input + "." + b64url_encode(sig)
 
-    def _new_pair_locked(self, key_id: str, now: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _new_pair_locked(
+        self, key_id: str, now: float, family: str | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Claims for a new access/refresh pair; records the refresh jti. Caller holds the lock."""
         iat = math.floor(now)
         # Integer exp rounded up: a token never lives shorter than its configured TTL.
@@ -419,7 +422,7 @@ class SandboxState:
         refresh = dict(base, exp=refresh_exp, jti=refresh_jti, token_use="refresh")
         for jti in [j for j, r in self._refresh.items() if r.exp + _REFRESH_MARGIN < now]:
             del self._refresh[jti]
-        self._refresh[refresh_jti] = _RefreshRecord(key_id, refresh_exp)
+        self._refresh[refresh_jti] = _RefreshRecord(key_id, refresh_exp, family or refresh_jti)
         return access, refresh
 
     def _token_response(self, access: Mapping[str, Any], refresh: Mapping[str, Any]) -> dict:
@@ -496,7 +499,13 @@ class SandboxState:
             if rec is None or rec.key_id != sub:
                 raise Unauthorized("refresh token is not recognised")
             if rec.used:
-                raise Unauthorized("refresh token has already been used (they are single-use)")
+                # Reuse means the token leaked or a client is confused: like OAuth refresh
+                # token rotation, revoke every token rotated from the same mint.
+                for other in self._refresh.values():
+                    if other.family == rec.family:
+                        other.revoked = True
+                raise Unauthorized("refresh token has already been used (they are single-use); "
+                                   "its whole rotation family is now revoked")
             if rec.revoked:
                 raise Unauthorized("refresh token has been revoked")
             key = self._keys.get(rec.key_id)
@@ -506,7 +515,7 @@ class SandboxState:
             if now >= rec.exp:
                 raise Unauthorized("refresh token rejected: JWT has expired")
             rec.used = True
-            access, refresh = self._new_pair_locked(rec.key_id, now)
+            access, refresh = self._new_pair_locked(rec.key_id, now, rec.family)
             self._stats["refreshes"] += 1
         logger.info("sandbox refreshed tokens for key %s", rec.key_id)
         return self._token_response(access, refresh)
