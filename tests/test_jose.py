@@ -1040,3 +1040,17 @@ def test_wycheproof_json_web_key_roca_key_refused() -> None:
     case = next(t for t in group["tests"] if t["tcId"] == ROCA_TCID)
     assert case["result"] == "invalid"
     assert not _jws_signature_verifies(case["jws"], group["public"])
+
+
+def test_bytes_like_inputs_are_accepted_and_other_types_refused() -> None:
+    der = bytes.fromhex("3006020101020102")  # r = 1, s = 2
+    raw = (1).to_bytes(32, "big") + (2).to_bytes(32, "big")
+    for kind in (bytes, bytearray, memoryview):
+        assert jose.der_to_raw(kind(der)) == raw
+        assert jose.raw_to_der(kind(raw)) == der
+        assert jose.normalize_signature(kind(raw)) == raw
+    for bad in ("3006020101020102", None, 12345, [0x30, 0x06]):
+        with pytest.raises(ValueError):
+            jose.der_to_raw(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError):
+            jose.raw_to_der(bad)  # type: ignore[arg-type]

@@ -192,7 +192,7 @@ class AuthClient:
             content = resp.content
         except requests.RequestException as e:
             raise ApiTransient(f"{what}: connection broke mid-answer: {e}") from e
-        if resp.status_code != 200:
+        if not 200 <= resp.status_code < 300:  # the seed says 200; any 2xx carries the answer
             message = ""
             try:
                 data = resp.json() if len(content) <= MAX_ERROR_BODY else None

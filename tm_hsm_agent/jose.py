@@ -109,7 +109,7 @@ def _check_scalar(value: int, name: str) -> None:
 
 def der_to_raw(der: bytes) -> bytes:
     """Canonical DER ECDSA-Sig-Value -> 64-byte JOSE ``r||s``; ValueError on anything else."""
-    if not isinstance(der, (bytes, bytearray)):
+    if not isinstance(der, (bytes, bytearray, memoryview)):
         raise ValueError("signature must be bytes")
     der = bytes(der)
     if len(der) < 2 or der[0] != 0x30:
@@ -129,8 +129,9 @@ def der_to_raw(der: bytes) -> bytes:
 
 def split_raw(raw: bytes) -> tuple[int, int]:
     """64-byte ``r||s`` -> (r, s), both checked to lie in [1, n-1]."""
-    if not isinstance(raw, (bytes, bytearray)):
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise ValueError("signature must be bytes")
+    raw = bytes(raw)
     if len(raw) != RAW_LEN:
         raise ValueError(f"raw ES256 signature must be {RAW_LEN} bytes, got {len(raw)}")
     r = int.from_bytes(raw[:COORD_LEN], "big")
@@ -161,8 +162,9 @@ def raw_to_der(raw: bytes) -> bytes:
 
 def normalize_signature(sig: bytes) -> bytes:
     """Whatever a token returned -> 64-byte ``r||s``. 64 bytes is raw; all else must be DER."""
-    if not isinstance(sig, (bytes, bytearray)):
+    if not isinstance(sig, (bytes, bytearray, memoryview)):
         raise ValueError("signature must be bytes")
+    sig = bytes(sig)
     if len(sig) == RAW_LEN:
         split_raw(sig)
         return bytes(sig)
