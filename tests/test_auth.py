@@ -377,12 +377,12 @@ def test_refresh_rotates_and_a_used_refresh_token_is_refused(
     verify_jwt(second.access_token, sandbox.state.jwks(), now=sandbox.state.now())
     assert second.expires_at == float(claims_of(second.access_token)["exp"])
 
+    third = client.refresh(second.refresh_token, key_id)
+    assert third.refresh_token not in (first.refresh_token, second.refresh_token)
+
     with pytest.raises(ApiRejected) as e:
         client.refresh(first.refresh_token, key_id)
     assert e.value.status == 401 and "already been used" in (e.value.server_message or "")
-
-    third = client.refresh(second.refresh_token, key_id)
-    assert third.refresh_token not in (first.refresh_token, second.refresh_token)
     stats = sandbox.state.stats()
     assert (stats["refreshes"], stats["refresh_attempts"], stats["mints"]) == (2, 3, 1)
     assert len(signer.calls) == 1  # refresh needs no signature
