@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _PEERCRED = struct.Struct("3i")
+LINGER = 1.0  # seconds to drain a rejected client's input before closing
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0)
 
 
@@ -377,9 +378,23 @@ class _Conn(asyncio.Protocol):
         self._send_and_close(_error(status, "bad_request", message, False))
 
     def _send_and_close(self, out: bytes) -> None:
+        """Answer, then close after a short lingering half-close.
+
+        Closing a Unix socket with unread input makes the peer's next read fail with
+        ECONNRESET, which can hide the answer from a client still sending (a 2 MB header).
+        So: send, shut our write side, discard what still arrives, close at the next sweep
+        after LINGER seconds (or at the peer's EOF).
+        """
         self.closing = True
         self.transport.write(out)
-        self.transport.close()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.deadline = self.srv.loop.time() + LINGER
+        else:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
 
 
 class _Reject(Exception):
