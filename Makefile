@@ -30,6 +30,7 @@ lint: venv
 	$(BIN)/mypy tm_hsm_agent
 
 bench: venv
+	@bash softhsm-config/ensure-deps.sh ssh-agent:openssh-client
 	$(BIN)/python bench/agent_bench.py
 
 soak: venv

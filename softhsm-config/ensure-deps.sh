@@ -2,6 +2,7 @@
 # Make sure the system packages the demo and tests need are present.
 # As root: one `apt-get update`, then `apt-get install` of what is missing.
 # Otherwise: print the exact command to run, and fail.
+#   ensure-deps.sh [COMMAND:PACKAGE ...]   also require these (e.g. ssh-agent:openssh-client)
 set -euo pipefail
 
 need=()
@@ -16,6 +17,9 @@ done
 [ "$have_client" = yes ] || need+=(p11-kit-modules)
 python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || need+=(python3)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
+for extra in "$@"; do
+  command -v "${extra%%:*}" >/dev/null 2>&1 || need+=("${extra#*:}")
+done
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
