@@ -291,3 +291,19 @@ def test_sigterm_during_a_mint_exits_cleanly(start_agent, sandbox):
     assert agent.stop(timeout=30) == 0
     assert time.monotonic() - started < 20
     assert not agent.socket.exists()
+
+
+def test_sigterm_while_the_token_hangs_still_exits(start_agent, sandbox, p11kit):
+    agent = start_agent("--prefetch", env=_remote_env(p11kit))
+    client.get_token(agent.socket)
+    p11kit.pause()
+    try:
+        sandbox.state.revoke_refresh_tokens()
+        # make the agent enter the module and get stuck there (a forced re-mint)
+        client.request("POST", "/v1/token/refresh", agent.socket, timeout=30)
+        started = time.monotonic()
+        assert agent.stop(timeout=30) == 0
+        assert time.monotonic() - started < 20
+        assert not agent.socket.exists()
+    finally:
+        p11kit.resume()

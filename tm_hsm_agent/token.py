@@ -20,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,37 @@ class KeyInfo:
     token_serial: str
     token_label: str
     thumbprint: str
+
+
+class _Worker:
+    """One daemon thread running PKCS#11 calls in order.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so a call stuck
+    in a hung module would keep the process from ever exiting on SIGTERM.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
+        self._queue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
+        future: Future[T] = Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+                future.set_exception(e)
+
+    def shutdown(self) -> None:
+        self._queue.put(None)
 
 
 class IdentityPins:
@@ -146,7 +178,7 @@ class TokenHandle:
         self._lib_loader = lib_loader
 
         self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pkcs11")
+        self._worker = _Worker("pkcs11")
         self._stuck: Future[Any] | None = None
         # Fields below are touched only on the worker thread.
         self._lib: Any = None
@@ -465,4 +497,4 @@ class TokenHandle:
         finally:
             if acquired:
                 self._lock.release()
-        self._worker.shutdown(wait=False, cancel_futures=True)
+        self._worker.shutdown()
