@@ -307,3 +307,23 @@ def test_sigterm_while_the_token_hangs_still_exits(start_agent, sandbox, p11kit)
         assert not agent.socket.exists()
     finally:
         p11kit.resume()
+
+
+def test_sigterm_during_a_slow_forced_refresh_exits_promptly(start_agent, sandbox):
+    import threading
+
+    agent = start_agent("--prefetch", env={"TM_HTTP_TIMEOUT": "25"})
+    client.get_token(agent.socket)
+    sandbox.state.set_faults(mode="delay", delay=30, endpoints=["refresh"], count=1)
+    threading.Thread(target=lambda: _try_refresh(agent), daemon=True).start()
+    wait_for(lambda: sandbox.state.stats()["refresh_attempts"] >= 1, 15, what="forced refresh")
+    started = time.monotonic()
+    assert agent.stop(timeout=60) == 0
+    assert time.monotonic() - started < 15  # not the 25 s the refresh could still take
+
+
+def _try_refresh(agent) -> None:
+    try:
+        client.request("POST", "/v1/token/refresh", agent.socket, timeout=60)
+    except Exception:  # noqa: BLE001 - the agent stops under this request on purpose
+        pass

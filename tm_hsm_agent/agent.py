@@ -13,10 +13,13 @@ import logging
 import os
 import resource
 import signal
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tm_hsm_agent import app
 from tm_hsm_agent.audit import AuditLog
@@ -117,9 +120,29 @@ def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] |
                 path.unlink()
 
 
+class _DaemonExecutor(Executor):
+    """A thread per call, as daemon threads: for the rare slow calls (forced refresh, token
+    probe). asyncio.run joins its default executor's threads on the way out, and one of
+    these may be waiting on a hung token or a slow API; shutdown must not wait for it."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # noqa: BLE001 - delivered through the future
+                    future.set_exception(e)
+
+        threading.Thread(target=run, name="agent-slow-call", daemon=True).start()
+        return future
+
+
 async def _serve(server: AgentServer, sock: object, fatal: list[BaseException],
                  token: TokenHandle, path: Path) -> None:
     loop = asyncio.get_running_loop()
+    loop.set_default_executor(_DaemonExecutor())
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
