@@ -7,9 +7,13 @@ needed, with the token there and without), and 50 polling clients.
 Exit status 0 only when no expired token was served, no request failed while a valid
 token existed, and RSS and open descriptors stayed flat.
 
-"A valid token existed" is judged from the outside: the newest token any client has
-seen still had more than VALID_MARGIN seconds to live (the agent stops serving at
-min(1 s, lifetime/10) before expiry, plus 0.5 s for the server clock's 1 s resolution).
+"A valid token existed" is judged from the outside: the newest token any client had
+seen before the request was sent still had more than VALID_MARGIN seconds to live when
+the answer arrived (the agent stops serving at min(1 s, lifetime/10) before expiry, plus
+0.5 s for the server clock's 1 s resolution). Both ends of that are chosen so that a
+busy machine's scheduling delays cannot turn a correct 503 into a counted failure: a
+token first seen after the request was sent may not have existed when the agent answered,
+and the answer was given at some moment before it arrived.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def run(h: Harness, args: argparse.Namespace) -> int:
         rng = random.Random()  # noqa: S311
         time.sleep(rng.uniform(0, args.poll))
         while not stop.is_set():
-            sent_at = sandbox.now()
+            with lock:
+                known_exp = newest_exp[0]  # only tokens the agent had before this request
             try:
                 status, body = client.request("GET", "/v1/token", h.socket, timeout=15)
             except Exception:  # noqa: BLE001 - counted as a failed request
@@ -78,7 +83,9 @@ def run(h: Harness, args: argparse.Namespace) -> int:
             now = sandbox.now()
             with lock:
                 counts["requests"] += 1
-                valid_existed = newest_exp[0] - sent_at > VALID_MARGIN
+                # The agent answered at some moment before `now`: if a token it already had
+                # was still good for VALID_MARGIN after `now`, it was good when it answered.
+                valid_existed = known_exp - now > VALID_MARGIN
                 if status == 200:
                     token = body["access_token"]
                     try:

@@ -22,6 +22,7 @@ def test_soak_60s(softhsm, tmp_path):
     )
     assert out.exists(), result.stdout + result.stderr
     report = json.loads(out.read_text())
+    print(json.dumps(report, indent=1))  # shown in full when an assertion below fails
     assert report["expired_tokens_served"] == 0, report
     assert report["failed_requests_while_valid_token"] == 0, report
     assert report["tokens_not_verifying"] == 0, report
