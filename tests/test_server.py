@@ -16,7 +16,7 @@ from tm_hsm_agent.audit import NullAudit
 from tm_hsm_agent.auth import ServerClock, TokenSet
 from tm_hsm_agent.cache import CachePolicy
 from tm_hsm_agent.errors import NoTokenAvailable
-from tm_hsm_agent.server import AgentServer, Limits, bind_socket
+from tm_hsm_agent.server import AgentServer, Limits, bind_socket, token_request
 
 TOKEN = TokenSet("aaa.bbb.ccc", "rrr", "Bearer", time.time() + 300, time.time(), "kid-1", "mint")
 
@@ -205,3 +205,111 @@ def test_http09_is_refused(server):
     s.sendall(b"GET /v1/token\r\n\r\n")
     out = _read_all(s)
     assert out.startswith(b"HTTP/1.1 400 ") and b"aaa.bbb.ccc" not in out
+
+
+# -- the accept thread: one-shot token requests answered before the event loop sees them --
+
+
+@pytest.mark.parametrize(("data", "verdict"), [
+    (b"GET /v1/token HTTP/1.1\r\nHost: x\r\n\r\n", True),
+    (b"GET /v1/token?x=1 HTTP/1.1\r\nHost: x\r\n\r\n", True),
+    (b"GET /v1/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", False),
+    (b"GET /v1/token HTTP/1.0\r\n\r\n", False),
+    (b"GET /v1/token HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", True),
+    (b"GET /v1/token HTTP/1.1\r\nHost: x\r\n", None),  # headers not finished
+    (b"GET /v1/token HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/token HTTP/1.1\r\n\r\n", None),  # pipelined
+    (b"GET /v1/token HTTP/1.1\r\nHost: x\r\n\r\nGET /v1/", None),  # a second one begun
+    (b"GET /v1/token HTTP/1.1\r\nContent-Length: 2\r\n\r\nab", None),  # a body
+    (b"POST /v1/token HTTP/1.1\r\nHost: x\r\n\r\n", None),  # wrong method: the loop says 405
+    (b"GET /v1/token/refresh HTTP/1.1\r\nHost: x\r\n\r\n", None),
+    (b"GET /v1/tokens HTTP/1.1\r\nHost: x\r\n\r\n", None),
+    (b"GET /v1/token\r\n\r\n", None),  # HTTP/0.9
+    (b"GET /v1/token HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n", None),
+    (b"\x16\x03\x01\x02\x00garbage\r\n\r\n", None),
+    (b"", None),
+])
+def test_token_request_verdicts(data, verdict):
+    assert token_request(data) is verdict
+
+
+def _one_shot(path, request: bytes) -> bytes:
+    s = _connect(path)
+    s.sendall(request)
+    try:
+        return _read_all(s)  # ends only when the server closes
+    finally:
+        s.close()
+
+
+def test_one_shot_request_is_answered_and_closed_and_counted(server):
+    srv, _, path = server
+    out = _one_shot(path, b"GET /v1/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" in head
+    assert json.loads(body)["access_token"] == "aaa.bbb.ccc"
+    assert int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) == len(body)
+    assert srv.totals.served == 1 and srv.totals.connections == 1
+
+
+def test_keepalive_connection_goes_on_after_the_first_answer(server):
+    srv, _, path = server
+    s = _connect(path)
+    for request in (b"GET /v1/token HTTP/1.1\r\nHost: x\r\n\r\n",  # answered by the accept thread
+                    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",  # then by the loop, same socket
+                    b"GET /v1/token HTTP/1.1\r\nHost: x\r\n\r\n"):
+        s.sendall(request)
+        out = s.recv(65536)
+        assert out.startswith(b"HTTP/1.1 200 OK\r\n") and b"Connection: close" not in out
+    s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    status = json.loads(_read_all(s).split(b"\r\n\r\n", 1)[1])
+    assert status["served"] == 2  # both threads' counters
+
+
+def test_a_request_split_across_writes_is_answered(server):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(b"GET /v1/to")
+    time.sleep(0.2)  # longer than the accept thread waits for first bytes: the loop finishes it
+    s.sendall(b"ken HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = _read_all(s)
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.count(b"HTTP/1.1") == 1
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_an_answer_larger_than_the_socket_buffer_arrives_whole(server, close):
+    # The accept thread never blocks on a slow reader: what does not fit the socket buffer
+    # is written by the event loop. 4 MB is far past a Unix socket's buffer.
+    _, cache, path = server
+    big = "h." + "p" * (4 * 1024 * 1024) + ".s"
+    cache.token = TokenSet(big, "rrr", "Bearer", time.time() + 300, time.time(), "kid-1", "mint")
+    s = _connect(path)
+    s.sendall(b"GET /v1/token HTTP/1.1\r\nHost: x\r\n" + (b"Connection: close\r\n" if close else b"")
+              + b"\r\n")
+    time.sleep(0.2)  # let the server fill the buffer while nobody reads
+    if close:
+        out = _read_all(s)
+    else:
+        out = b""
+        while not out.endswith(b"}"):
+            out += s.recv(1 << 20)
+    head, body = out.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK") and json.loads(body)["access_token"] == big
+    if not close:  # and the connection is still good for the next request
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert _read_all(s).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_silent_connections_do_not_delay_other_clients(server):
+    # A client that connects and says nothing holds the accept thread only until the
+    # next client connects (at most 50 ms), then waits in the event loop.
+    _, _, path = server
+    silent = [_connect(path) for _ in range(200)]
+    try:
+        started = time.monotonic()
+        for _ in range(20):
+            out = _one_shot(path, b"GET /v1/token HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert out.startswith(b"HTTP/1.1 200 OK")
+        assert time.monotonic() - started < 5.0  # generous: 20 x 50 ms would be 1 s
+    finally:
+        for s in silent:
+            s.close()

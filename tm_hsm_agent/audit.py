@@ -9,7 +9,7 @@ Each line goes out in one ``write`` of a complete line, so a kill -9 leaves at m
 one torn last line; on open that torn tail is moved aside to ``<log>.torn-<time>``
 and the log continues on a clean line boundary.
 
-(A hash chain over the lines is planned; the line format already carries ``seq``.)
+(A hash chain over the lines is planned.)
 """
 
 from __future__ import annotations
@@ -95,20 +95,26 @@ class AuditLog:
             os.fsync(self._fd)
 
     def record_handout(self, uid: int, pid: int, token_id: str, key_id: str) -> None:
-        """Note the first time a caller receives a given token. Cheap: no I/O here."""
-        if self._seen_token != token_id:
-            self._seen.clear()
-            self._seen_token = token_id
+        """Note the first time a caller receives a given token. Cheap: no I/O here.
+
+        Called from the accept thread and the event loop: a caller seen before costs one
+        set lookup, without the lock; the first hand-out of a token to a caller takes it.
+        """
         marker = (uid, pid, token_id)
         if marker in self._seen:
             return
-        if len(self._seen) >= self.MAX_CALLERS:
-            # Bound memory under a flood of short-lived callers: a repeated line is
-            # better than a missing one or an unbounded set.
-            self._seen.clear()
-        self._seen.add(marker)
         line = self._line("handout", {"uid": uid, "pid": pid, "token": token_id, "key_id": key_id})
         with self._pending_lock:
+            if self._seen_token != token_id:
+                self._seen = set()
+                self._seen_token = token_id
+            elif marker in self._seen:
+                return
+            if len(self._seen) >= self.MAX_CALLERS:
+                # Bound memory under a flood of short-lived callers: a repeated line is
+                # better than a missing one or an unbounded set.
+                self._seen = set()
+            self._seen.add(marker)
             self._pending.append(line)
 
     def _write_pending_locked(self) -> None:

@@ -1,27 +1,37 @@
-"""The Unix-socket API: HTTP/1.1 + JSON, parsed by llhttp (httptools) on asyncio.
+"""The Unix-socket API: HTTP/1.1 + JSON, parsed by llhttp (httptools).
 
-The cached-token path is the hot path: a ready-made response (head and body bytes)
-is kept per token, so serving one is a peer check at connect, one parse, one write.
+The cached-token path is the hot path. One thread accepts every connection: it checks
+the peer, waits briefly for the first bytes, and when they are one complete
+``GET /v1/token`` and a token is cached it answers there and then from a ready-made
+response (head and body bytes kept per token). Everything else -- other routes, keep-alive
+follow-ups, incomplete, hostile or malformed requests, a client that must wait for a
+mint -- is handed with the bytes read so far to the asyncio event loop. A one-shot
+request thus costs no event-loop round trips (on CPython an epoll callback chain costs
+more than the whole request), while slow and odd clients get the loop's timeouts.
 
 Safety: the socket is created 0600 (umask before bind), or 0660 for a named group,
 in a 0700 directory; each connection's peer credentials (SO_PEERCRED) are checked
 against an allow-list before a byte is read. Header and body sizes are bounded,
 malformed requests get 400 and a closed connection, idle and slow connections time
-out, and every connection is independent so one slow client delays no other.
+out, and every connection is independent so one slow client delays no other: the
+accept thread waits for a client's first bytes only until the next client connects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import functools
 import grp
 import json
 import logging
 import os
+import select
 import socket
 import stat
 import struct
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -42,6 +52,9 @@ log = logging.getLogger(__name__)
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
 _PEERCRED = struct.Struct("3i")
 LINGER = 1.0  # seconds to drain a rejected client's input before closing
+# How long the accept thread waits for a new client's first bytes when no other client is
+# waiting to connect; after that (or as soon as one is) the connection goes to the loop.
+FIRST_BYTES_WAIT_MS = 50
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0)
 
 
@@ -69,6 +82,21 @@ class Stats:
         # bisect_left: the first bucket whose bound is >= seconds (Prometheus "le")
         self.latency_counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
+
+    def __add__(self, other: Stats) -> Stats:
+        """Counters of two threads (each thread writes only its own Stats), summed for reports."""
+        requests = dict(self.requests)
+        for name, count in other.requests.items():
+            requests[name] = requests.get(name, 0) + count
+        return Stats(
+            served=self.served + other.served,
+            requests=requests,
+            refused_peers=self.refused_peers + other.refused_peers,
+            bad_requests=self.bad_requests + other.bad_requests,
+            connections=self.connections + other.connections,
+            latency_counts=[a + b for a, b in zip(self.latency_counts, other.latency_counts, strict=True)],
+            latency_sum=self.latency_sum + other.latency_sum,
+        )
 
 
 # -- the listening socket ---------------------------------------------------------------
@@ -211,12 +239,16 @@ class _Prepared:
 
 
 class _Conn(asyncio.Protocol):
+    """A connection the accept thread handed to the event loop (peer already checked)."""
+
     __slots__ = (
         "srv", "transport", "parser", "url", "header_bytes", "body", "queue", "busy",
         "closing", "peer", "deadline", "in_request", "in_head", "raw_head", "done_in_chunk",
+        "initial", "unsent", "close_after",
     )
 
-    def __init__(self, srv: AgentServer) -> None:
+    def __init__(self, srv: AgentServer, peer: tuple[int, int, int], initial: bytes = b"",
+                 unsent: bytes = b"", close_after: bool = False) -> None:
         self.srv = srv
         self.transport: Any = None
         self.parser: Any = httptools.HttpRequestParser(self)
@@ -226,37 +258,32 @@ class _Conn(asyncio.Protocol):
         self.queue: list[tuple[bytes, bytes, bool, bytes]] = []
         self.busy = False
         self.closing = False
-        self.peer = (0, 0, 0)
+        self.peer = peer
         self.deadline = 0.0  # loop time; checked by the server's once-a-second sweep
         self.in_request = False
         self.in_head = False
         self.raw_head = 0
         self.done_in_chunk = 0
+        self.initial = initial  # what the accept thread already read
+        self.unsent = unsent  # the rest of an answer the accept thread could not write
+        self.close_after = close_after  # ... to a client that asked for Connection: close
 
     # connection lifecycle
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         srv = self.srv
-        sock = transport.get_extra_info("socket")
-        try:
-            pid, uid, gid = _PEERCRED.unpack(
-                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-            )
-        except OSError:
-            pid, uid, gid = 0, -1, -1
-        if uid not in srv.allow_uids and gid not in srv.allow_gids:
-            # Refused before a byte is read: the transport has not started reading yet.
-            srv.stats.refused_peers += 1
-            log.warning("refused connection from uid %d gid %d pid %d", uid, gid, pid)
-            transport.abort()
-            return
-        if len(srv.conns) >= srv.limits.max_connections:
-            transport.abort()
-            return
-        self.peer = (pid, uid, gid)
         srv.conns.add(self)
-        srv.stats.connections += 1
         self.deadline = srv.loop.time() + srv.limits.idle_timeout
+        initial, unsent, self.initial, self.unsent = self.initial, self.unsent, b"", b""
+        if unsent:
+            transport.write(unsent)
+            if self.close_after:
+                self.closing = True
+                transport.close()  # after the buffered bytes are written
+                return
+        if initial:
+            # Before the transport delivers anything newer: the bytes stay in order.
+            self.data_received(initial)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.srv.conns.discard(self)
@@ -403,6 +430,216 @@ class _Reject(Exception):
         self.status = status
 
 
+class _OneRequest:
+    """httptools callbacks for the accept thread's look at a client's first bytes."""
+
+    __slots__ = ("parser", "url", "begun", "complete", "body", "keep", "method", "version")
+
+    def __init__(self) -> None:
+        self.parser: Any = httptools.HttpRequestParser(self)
+        self.url = b""
+        self.begun = self.complete = 0
+        self.body = self.keep = False
+        self.method = b""
+        self.version = ""
+
+    def on_message_begin(self) -> None:
+        self.begun += 1
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_body(self, body: bytes) -> None:
+        self.body = True
+
+    def on_message_complete(self) -> None:
+        # Read here, not after feed_data: llhttp resets the keep-alive flags once the
+        # message is done (a "Connection: close" request would then read as keep-alive).
+        parser = self.parser
+        self.complete += 1
+        self.keep = parser.should_keep_alive()
+        self.method = parser.get_method()
+        self.version = parser.get_http_version()
+
+
+def token_request(data: bytes) -> bool | None:
+    """Are ``data`` exactly one complete, body-less ``GET /v1/token``? Then: keep-alive or not.
+
+    None for anything else (incomplete, pipelined, malformed, another route...): such
+    bytes go to the event loop, which gives every other case its proper answer.
+    """
+    req = _OneRequest()
+    try:
+        req.parser.feed_data(data)
+    except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        return None
+    finally:
+        req.parser = None  # no parser <-> callbacks cycle left for the garbage collector
+    if req.begun != 1 or req.complete != 1 or req.body or req.method != b"GET":
+        return None
+    if _route_path(req.url) != b"/v1/token" or req.version not in ("1.1", "1.0"):
+        return None
+    return bool(req.keep)
+
+
+def _route_path(url: bytes) -> bytes:
+    return url if b"?" not in url else url.split(b"?", 1)[0]
+
+
+class _Acceptor:
+    """The accept thread: peer check, then the one-shot token request answered on the spot.
+
+    It owns the listening socket and is the only writer of ``stats``. It blocks in
+    ``accept()`` itself (one system call per client, no poll before it) and looks at
+    what a client sent first without waiting if it is there already, which is the
+    common case: that is what makes a one-shot request cheaper than in the event loop.
+    """
+
+    MEMO_ENTRIES = 64
+    MEMO_KEY_BYTES = 1024
+
+    def __init__(self, srv: AgentServer, sock: socket.socket) -> None:
+        self.srv = srv
+        self.sock = sock
+        self.stats = Stats()
+        # Waiting for a client's first bytes also watches the listening socket: the next
+        # client connecting ends the wait, so a silent client never delays another.
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
+        # token_request's verdict per request, byte for byte: clients repeat the same bytes
+        # (curl, requests, tm_hsm_agent.client), and a lookup costs less than a parse.
+        self._verdicts: dict[bytes, bool] = {}
+        self._thread = threading.Thread(target=self._run, name="agent-accept", daemon=True)
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        # Wake accept() by connecting once. Not shutdown(): with socket activation the
+        # listening socket is systemd's too, and must go on listening after we exit.
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1.0)
+            s.connect(self.sock.getsockname())
+        self._thread.join(timeout)  # a daemon thread: should it still wait, exit does not
+
+    def _run(self) -> None:
+        self.sock.setblocking(True)
+        try:
+            while not self._stopping:
+                try:
+                    conn, _ = self.sock.accept()
+                except (InterruptedError, ConnectionAbortedError):
+                    continue
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        # Out of descriptors: the pending client stays queued; do not spin.
+                        log.warning("cannot accept a connection: %s; pausing 0.1 s", e.strerror)
+                        time.sleep(0.1)
+                        continue
+                    if not self._stopping:
+                        log.error("agent socket failed (%s); no longer accepting", e)
+                    return
+                if self._stopping:
+                    conn.close()
+                    return
+                try:
+                    self._serve(conn)
+                except Exception:  # noqa: BLE001 - one connection's failure must not stop accepting
+                    log.exception("connection handling failed")
+                    conn.close()
+        finally:
+            with contextlib.suppress(OSError):
+                self.sock.setblocking(False)
+
+    def _serve(self, conn: socket.socket) -> None:
+        started = time.perf_counter()
+        srv, stats = self.srv, self.stats
+        try:
+            pid, uid, gid = _PEERCRED.unpack(
+                conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+        except OSError:
+            pid, uid, gid = 0, -1, -1
+        if uid not in srv.allow_uids and gid not in srv.allow_gids:
+            stats.refused_peers += 1  # refused before a byte is read
+            log.warning("refused connection from uid %d gid %d pid %d", uid, gid, pid)
+            conn.close()
+            return
+        if len(srv.conns) >= srv.limits.max_connections:
+            conn.close()
+            return
+        stats.connections += 1
+        data = self._first_bytes(conn)
+        if data is None:  # closed by the client before a byte
+            conn.close()
+            return
+        keep = self._verdict(data) if 0 < len(data) <= srv.limits.max_header_bytes else None
+        tok = srv.cache.current() if keep is not None else None
+        if tok is None:
+            self._hand_over(conn, data, (pid, uid, gid))
+            return
+        prepared = srv.prepared(tok)
+        out = prepared.keep if keep else prepared.close
+        try:
+            sent = conn.send(out, socket.MSG_DONTWAIT)
+        except OSError:  # the client is gone already
+            conn.close()
+            return
+        stats.served += 1
+        srv.audit.record_handout(uid, pid, tok.fingerprint, tok.key_id)
+        stats.observe(time.perf_counter() - started)
+        if sent < len(out):  # did not fit the socket buffer: the loop writes the rest
+            self._hand_over(conn, b"", (pid, uid, gid), out[sent:], close_after=not keep)
+        elif keep:  # a keep-alive client's next requests are the loop's business
+            self._hand_over(conn, b"", (pid, uid, gid))
+        else:
+            conn.close()
+
+    def _verdict(self, data: bytes) -> bool | None:
+        if len(data) > self.MEMO_KEY_BYTES:
+            return token_request(data)
+        verdict = self._verdicts.get(data)
+        if verdict is None:
+            verdict = token_request(data)
+            if verdict is not None:
+                if len(self._verdicts) >= self.MEMO_ENTRIES:
+                    self._verdicts.clear()
+                self._verdicts[data] = verdict
+        return verdict
+
+    def _first_bytes(self, conn: socket.socket) -> bytes | None:
+        """What the client sent first; b"" if nothing came before the next client (or 50 ms)."""
+        data = _recv_now(conn)
+        if data != b"":
+            return data
+        fd = conn.fileno()
+        self._poll.register(fd, select.POLLIN)
+        try:
+            ready = any(f == fd for f, _ in self._poll.poll(FIRST_BYTES_WAIT_MS))
+        finally:
+            self._poll.unregister(fd)
+        return _recv_now(conn) if ready else b""
+
+    def _hand_over(self, conn: socket.socket, data: bytes, peer: tuple[int, int, int],
+                   unsent: bytes = b"", close_after: bool = False) -> None:
+        try:
+            self.srv.loop.call_soon_threadsafe(self.srv.adopt, conn, data, peer, unsent, close_after)
+        except RuntimeError:  # the loop has closed: we are shutting down
+            conn.close()
+
+
+def _recv_now(conn: socket.socket) -> bytes | None:
+    """Bytes already there (b"" if none yet), or None once the client has closed or failed."""
+    try:
+        return conn.recv(65536, socket.MSG_DONTWAIT) or None
+    except (BlockingIOError, InterruptedError):
+        return b""
+    except OSError:
+        return None
+
+
 # -- the server ---------------------------------------------------------------------------
 
 ROUTES = {
@@ -432,27 +669,38 @@ class AgentServer:
         self.allow_uids = frozenset({os.getuid(), 0, *allow_uids})
         self.allow_gids = frozenset(allow_gids)
         self.limits = limits or Limits()
-        self.stats = Stats()
+        self.stats = Stats()  # written by the loop thread only (the acceptor has its own)
         self.conns: set[_Conn] = set()
         self.started_at = started_at or time.time()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._prepared: _Prepared | None = None
-        self._server: asyncio.AbstractServer | None = None
+        self._acceptor: _Acceptor | None = None
+        self._adopting: set[asyncio.Task[None]] = set()
+        self._closing = False
         self._sweeper: asyncio.Task[None] | None = None
 
     def _count(self, name: str) -> None:
         self.stats.requests[name] = self.stats.requests.get(name, 0) + 1
 
-    # the hot path: a cached token needs no await
+    def prepared(self, tok: TokenSet) -> _Prepared:
+        """The ready-made answers for ``tok`` (both threads may build it; either copy is right)."""
+        prepared = self._prepared
+        if prepared is None or prepared.token is not tok:
+            prepared = self._prepared = _Prepared(tok)
+        return prepared
+
+    @property
+    def totals(self) -> Stats:
+        return self.stats + self._acceptor.stats if self._acceptor is not None else self.stats
+
+    # a cached token needs no await (keep-alive requests and connections handed over)
     def handle_fast(self, conn: _Conn, method: bytes, url: bytes, keep: bool) -> bytes | None:
-        path = url if b"?" not in url else url.split(b"?", 1)[0]
+        path = _route_path(url)
         if path == b"/v1/token" and method == b"GET":
             tok = self.cache.current()
             if tok is None:
                 return None
-            prepared = self._prepared
-            if prepared is None or prepared.token is not tok:
-                prepared = self._prepared = _Prepared(tok)
+            prepared = self.prepared(tok)
             self.stats.served += 1
             pid, uid, _ = conn.peer
             self.audit.record_handout(uid, pid, tok.fingerprint, tok.key_id)
@@ -478,7 +726,7 @@ class AgentServer:
 
     async def handle_slow(self, conn: _Conn, method: bytes, url: bytes, keep: bool,
                           body: bytes) -> bytes:
-        path = url.split(b"?", 1)[0]
+        path = _route_path(url)
         try:
             if path == b"/v1/token/refresh":
                 self._count("refresh")
@@ -515,16 +763,18 @@ class AgentServer:
         tok = status.get("token")
         if tok:
             tok["expires_at"] = rfc3339(tok["expires_at"])
+        totals = self.totals
         status["hsm_present"] = self.token_present()
         status["uptime_s"] = round(time.time() - self.started_at, 1)
-        status["served"] = self.stats.served
+        status["served"] = totals.served
         status["connections_open"] = len(self.conns)
-        status["refused_peers"] = self.stats.refused_peers
-        status["bad_requests"] = self.stats.bad_requests
+        status["refused_peers"] = totals.refused_peers
+        status["bad_requests"] = totals.bad_requests
         return status
 
     def metrics(self) -> str:
         c = self.cache.counters
+        totals = self.totals
         out = [
             "# HELP tm_agent_mints_total Successful mints (HSM-signed).",
             "# TYPE tm_agent_mints_total counter",
@@ -542,7 +792,7 @@ class AgentServer:
         out += [
             "# HELP tm_agent_tokens_served_total Access tokens handed to clients.",
             "# TYPE tm_agent_tokens_served_total counter",
-            f"tm_agent_tokens_served_total {self.stats.served}",
+            f"tm_agent_tokens_served_total {totals.served}",
             "# HELP tm_agent_token_valid Whether a valid access token is cached.",
             "# TYPE tm_agent_token_valid gauge",
             f"tm_agent_token_valid {int(self.cache.current() is not None)}",
@@ -551,26 +801,44 @@ class AgentServer:
             f"tm_agent_hsm_present {-1 if present is None else int(present)}",
             "# HELP tm_agent_refused_peers_total Connections refused by the peer allow-list.",
             "# TYPE tm_agent_refused_peers_total counter",
-            f"tm_agent_refused_peers_total {self.stats.refused_peers}",
+            f"tm_agent_refused_peers_total {totals.refused_peers}",
             "# HELP tm_agent_request_seconds Socket API request latency.",
             "# TYPE tm_agent_request_seconds histogram",
         ]
         cumulative = 0
-        for bound, count in zip(LATENCY_BUCKETS, self.stats.latency_counts, strict=False):
+        for bound, count in zip(LATENCY_BUCKETS, totals.latency_counts, strict=False):
             cumulative += count
             out.append(f'tm_agent_request_seconds_bucket{{le="{bound}"}} {cumulative}')
-        cumulative += self.stats.latency_counts[-1]
+        cumulative += totals.latency_counts[-1]
         out.append(f'tm_agent_request_seconds_bucket{{le="+Inf"}} {cumulative}')
-        out.append(f"tm_agent_request_seconds_sum {self.stats.latency_sum:.6f}")
+        out.append(f"tm_agent_request_seconds_sum {totals.latency_sum:.6f}")
         out.append(f"tm_agent_request_seconds_count {cumulative}")
         return "\n".join(out) + "\n"
 
     async def start(self, sock: socket.socket) -> None:
+        """Serve on the listening socket ``sock`` (bound and listening, non-blocking)."""
         self.loop = asyncio.get_running_loop()
-        self._server = await self.loop.create_unix_server(
-            lambda: _Conn(self), sock=sock, backlog=self.limits.backlog
-        )
+        sock.setblocking(False)
+        self._acceptor = _Acceptor(self, sock)
+        self._acceptor.start()
         self._sweeper = self.loop.create_task(self._sweep())
+
+    def adopt(self, conn: socket.socket, data: bytes, peer: tuple[int, int, int],
+              unsent: bytes = b"", close_after: bool = False) -> None:
+        """On the loop: take over a connection from the accept thread."""
+        if self._closing:
+            conn.close()
+            return
+        task = self.loop.create_task(self._adopt(conn, _Conn(self, peer, data, unsent, close_after)))
+        self._adopting.add(task)
+        task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, conn: socket.socket, protocol: _Conn) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: protocol, sock=conn)
+        except OSError as e:  # the client went away in between
+            log.debug("connection lost while being handed over: %s", e)
+            conn.close()
 
     async def _sweep(self) -> None:
         """Close idle and slow connections: one pass a second instead of a timer per request."""
@@ -581,12 +849,13 @@ class AgentServer:
                 conn._timed_out()
 
     async def close(self) -> None:
+        self._closing = True
+        if self._acceptor is not None:
+            await self.loop.run_in_executor(None, self._acceptor.stop)
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._server is not None:
-            self._server.close()
+        for task in list(self._adopting):
+            task.cancel()
         for conn in list(self.conns):
             if conn.transport is not None:
                 conn.transport.close()
-        if self._server is not None:
-            await self._server.wait_closed()
