@@ -456,3 +456,18 @@ def test_jwks_verifier_checks_expiry_on_the_server_clock(
     with pytest.raises(TokenVerifyError, match="expired"):
         verifier.verify(tokens.access_token)
     assert verifier.verify(tokens.access_token, check_exp=False).claims["sub"] == key_id
+
+
+def test_jwks_verifier_allows_an_nbf_a_little_ahead_of_the_learned_clock(
+    sandbox, client: AuthClient, signer: SoftSigner, key_id: str
+) -> None:
+    # A server whose Date header runs behind the clock that stamps its tokens (a proxy, or
+    # just the header's 1 s resolution) must not make a fresh token "not valid yet".
+    tokens = client.mint(key_id, signer.sign_challenge)
+    assert "nbf" in claims_of(tokens.access_token)
+    verifier = JwksVerifier(client)
+    client.clock.offset -= 5
+    assert verifier.verify(tokens.access_token).claims["sub"] == key_id
+    client.clock.offset -= 60  # past the allowance: refused
+    with pytest.raises(TokenVerifyError, match="nbf"):
+        verifier.verify(tokens.access_token)

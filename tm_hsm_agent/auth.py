@@ -33,6 +33,7 @@ SKEW_WINDOW = 30  # the seed: "within ±30s of server UTC time"
 # attributed to clock skew (Date has 1 s resolution, plus network latency).
 SKEW_SUSPECT = 25.0
 MAX_ERROR_BODY = 64 * 1024
+NBF_LEEWAY = float(SKEW_WINDOW)  # the skew the API itself tolerates for our timestamps
 
 
 class ServerClock:
@@ -228,10 +229,9 @@ class AuthClient:
             claims = jose.decode_unverified(access).claims
         except (KeyError, ValueError) as e:
             raise ApiTransient(f"{via}: malformed token answer: {e}", status=200) from e
-        exp = claims.get("exp")
-        if isinstance(exp, (int, float)) and not isinstance(exp, bool):
-            # Never trust expires_in past the JWT's own exp.
-            expires_at = min(expires_at, float(exp))
+        exp = jose.numeric_date(claims.get("exp"))
+        if exp is not None:
+            expires_at = min(expires_at, exp)  # never trust expires_in past the JWT's own exp
         return TokenSet(access, refresh, "Bearer", expires_at, now, key_id, via, dict(data))
 
     # -- API -------------------------------------------------------------------------
@@ -298,6 +298,10 @@ class JwksVerifier:
                 token,
                 jwks,
                 now=self.client.clock.now() if check_exp else None,
+                # Our clock is the server's Date (1 s resolution, plus latency), and a
+                # server may stamp Date from another clock than its tokens (a proxy): a
+                # token we were just handed is not refused for an nbf a moment ahead.
+                nbf_leeway=NBF_LEEWAY,
                 refetch=self._fetch,
             )
         except ValueError as e:

@@ -26,6 +26,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from tm_hsm_agent import jose
 from tm_hsm_agent.auth import AuthClient, JwksVerifier, TokenSet
 from tm_hsm_agent.errors import (
     ApiRejected,
@@ -405,10 +406,7 @@ class TokenCache:
 
 
 def _jwt_exp(token: str) -> float | None:
-    from tm_hsm_agent.jose import decode_unverified
-
     try:
-        exp = decode_unverified(token).claims.get("exp")
+        return jose.numeric_date(jose.decode_unverified(token).claims.get("exp"))
     except ValueError:
         return None  # an opaque refresh token: its lifetime is unknown
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None

@@ -257,6 +257,9 @@ def _b64_uint(text: Any, what: str) -> int:
     data = b64url_decode(text)
     if not data:
         raise ValueError(f"JWK {what} is empty")
+    if data[0] == 0:
+        # RFC 7518 §6.3.1: minimal octets. Two spellings of one key would have two thumbprints.
+        raise ValueError(f"JWK {what} has a leading zero octet")
     return int.from_bytes(data, "big")
 
 
@@ -282,6 +285,8 @@ def key_from_jwk(jwk: Mapping[str, Any]) -> tuple[str, VerifyKey]:
         e = _b64_uint(jwk.get("e"), "e")
         if n.bit_length() < 2048:
             raise ValueError("RSA key shorter than 2048 bits")
+        if n % 2 == 0 or e % 2 == 0 or e < 3:
+            raise ValueError("RSA modulus and exponent must be odd (exponent at least 3)")
         if roca_vulnerable(n):
             raise ValueError("RSA key has the ROCA weakness (CVE-2017-15361)")
         return "RS256", rsa.RSAPublicNumbers(e, n).public_key()
@@ -300,10 +305,38 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"JSON constant {name} is not allowed")
 
 
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    """RFC 7515 JSON: UTF-8 (no BOM, no UTF-16/32 guessing), an object, bounded nesting."""
+    try:
+        text = data.decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise ValueError("byte-order mark")
+        value = json.loads(text, parse_constant=_no_constants)
+    except RecursionError:  # nesting deep enough to exhaust the stack: not a JWT
+        raise ValueError(f"JWT {what} is nested too deeply") from None
+    except ValueError as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"JWT {what} is not UTF-8 JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"JWT {what} must be a JSON object")
+    return value
+
+
+# A NumericDate beyond this is no date (and past 2**53 no longer exact as a float).
+_MAX_NUMERIC_DATE = 2**53
+
+
 def _finite_number(value: Any) -> TypeGuard[int | float]:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    """A usable NumericDate: int or float, finite, no bigger than a float holds exactly."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= _MAX_NUMERIC_DATE  # math.isfinite(10**400) raises OverflowError
+    return isinstance(value, float) and math.isfinite(value) and abs(value) <= _MAX_NUMERIC_DATE
+
+
+def numeric_date(value: Any) -> float | None:
+    """A claim such as ``exp`` as a float, or None when it is missing or not a usable number."""
+    return float(value) if _finite_number(value) else None
 
 
 @dataclass(frozen=True)
@@ -321,13 +354,8 @@ def decode_unverified(token: str) -> Jwt:
     parts = token.split(".")
     if len(parts) != 3:
         raise ValueError("JWT must have three dot-separated parts")
-    try:
-        header = json.loads(b64url_decode(parts[0]), parse_constant=_no_constants)
-        claims = json.loads(b64url_decode(parts[1]), parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"JWT header or payload is not base64url JSON: {e}") from None
-    if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise ValueError("JWT header and payload must be JSON objects")
+    header = _json_object(b64url_decode(parts[0]), "header")
+    claims = _json_object(b64url_decode(parts[1]), "payload")
     return Jwt(header, claims, f"{parts[0]}.{parts[1]}".encode("ascii"), b64url_decode(parts[2]))
 
 
@@ -347,6 +375,9 @@ def select_keys(jwks: Mapping[str, Any], kid: str | None) -> list[tuple[str, Ver
     """Usable keys from a JWKS matching ``kid`` (all usable keys when kid is None).
 
     A kid that names two keys is ambiguous and yields an error rather than a guess.
+    A JWKS that gives its keys no ``kid`` at all (the published schema lists only kty, alg,
+    n, e) cannot match one; its keys are then the candidates, since kid is only a hint
+    (RFC 7515 §4.1.4). A key carrying a *different* kid never is.
     """
     keys = jwks.get("keys") if isinstance(jwks, Mapping) else None
     if not isinstance(keys, list):
@@ -364,6 +395,8 @@ def select_keys(jwks: Mapping[str, Any], kid: str | None) -> list[tuple[str, Ver
             continue
     if kid is not None and kids_seen.get(kid, 0) > 1:
         raise ValueError(f"JWKS has more than one key with kid {kid!r}")
+    if kid is not None and not found and not kids_seen:
+        return select_keys(jwks, None)
     return found
 
 
@@ -373,14 +406,20 @@ def verify_jwt(
     *,
     now: float | None = None,
     leeway: float = 0.0,
+    nbf_leeway: float | None = None,
     refetch: Callable[[], Mapping[str, Any]] | None = None,
 ) -> Jwt:
     """Verify a compact JWS against a JWKS (RS256 or ES256, key chosen by ``kid``).
 
     On an unknown ``kid`` the JWKS is fetched again once through ``refetch`` (keys
-    rotate). With ``now`` given, ``exp`` is required and checked, and ``nbf`` too.
+    rotate). With ``now`` given, ``exp`` is required and checked (``leeway`` past it),
+    and ``nbf`` too (``nbf_leeway`` before it; ``leeway`` when not given).
     Raises ValueError with the reason on any failure.
     """
+    nbf_leeway = leeway if nbf_leeway is None else nbf_leeway
+    for name, value in (("now", now), ("leeway", leeway), ("nbf_leeway", nbf_leeway)):
+        if value is not None and not _finite_number(value):
+            raise ValueError(f"{name} must be a finite number")  # nan/inf would pass any token
     jwt = decode_unverified(token)
     alg = jwt.header.get("alg")
     if alg not in SUPPORTED_ALGS:
@@ -406,6 +445,6 @@ def verify_jwt(
         nbf = jwt.claims.get("nbf")
         if nbf is not None and not _finite_number(nbf):
             raise ValueError("JWT nbf claim is not a finite number")
-        if _finite_number(nbf) and now + leeway < nbf:
+        if _finite_number(nbf) and now + nbf_leeway < nbf:
             raise ValueError("JWT is not valid yet (nbf)")
     return jwt
