@@ -12,7 +12,7 @@ from conftest import KEY_LABEL, PIN
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from pkcs11 import TokenFlag
+from pkcs11 import Attribute, ObjectClass, TokenFlag
 
 from tm_hsm_agent import jose
 from tm_hsm_agent.audit import AuditLog
@@ -226,3 +226,45 @@ def test_hash_first_when_only_ckm_ecdsa_is_listed(real_handle):
     # verifies as ECDSA over SHA-256(message), whichever mechanism was used
     assert jose.verify_es256(info.public_key, message, sig)
     assert not jose.verify_es256(info.public_key, hashlib.sha256(message).digest(), sig)
+
+
+def test_generated_key_usage_cannot_be_widened_or_copied(softhsm, hsm_key):
+    # The key is made sign-only; a logged-in session must not be able to change that later.
+    lib = pkcs11.lib(softhsm.module)
+    token = lib.get_token(token_label=softhsm.label)
+    with token.open(user_pin=PIN, rw=True) as session:
+        priv = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=KEY_LABEL)
+        assert priv[Attribute.MODIFIABLE] is False and priv[Attribute.COPYABLE] is False
+        for attribute in (Attribute.DERIVE, Attribute.DECRYPT, Attribute.SIGN_RECOVER):
+            with pytest.raises(pkcs11.PKCS11Error):
+                priv[attribute] = True
+            assert priv[attribute] is False
+        with pytest.raises(pkcs11.PKCS11Error):
+            priv.copy({Attribute.LABEL: "copy"})
+        assert not list(session.get_objects({Attribute.LABEL: "copy"}))
+
+
+def test_keygen_falls_back_when_a_module_does_not_know_copyable(softhsm, hsm_key, tmp_path, monkeypatch):
+    # Some modules predate PKCS#11 v2.40 (CKA_COPYABLE) and refuse the attribute; keygen
+    # must still make a sign-only key there, not fail.
+    from pkcs11._pkcs11 import LocalDomainParameters  # the class create_domain_parameters returns
+
+    original = LocalDomainParameters.generate_keypair
+    templates = []
+
+    def strict_module(self, *args, private_template=None, **kwargs):
+        templates.append(dict(private_template))
+        if Attribute.COPYABLE in private_template:
+            raise pkcs11.exceptions.AttributeTypeInvalid()
+        return original(self, *args, private_template=private_template, **kwargs)
+
+    monkeypatch.setattr(LocalDomainParameters, "generate_keypair", strict_module)
+    handle = TokenHandle(softhsm.module, token_label=softhsm.label, key_label="tm-fallback-key",
+                         pin_source=lambda: Pin(PIN, "test"), rw=True)
+    try:
+        info = handle.generate_key()
+    finally:
+        handle.close()
+    assert info.label == "tm-fallback-key"
+    assert [Attribute.COPYABLE in t for t in templates] == [True, False]
+    assert templates[1][Attribute.SIGN] is True and templates[1][Attribute.DERIVE] is False

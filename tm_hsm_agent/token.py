@@ -453,30 +453,46 @@ class TokenHandle:
                 KeyType.EC, {Attribute.EC_PARAMS: P256_OID_PARAMS}, local=True
             )
             # python-pkcs11's default EC template adds DERIVE; a signing key must do nothing else.
-            params.generate_keypair(
-                store=True,
-                label=self.key_label,
-                id=ident,
-                mechanism=Mechanism.EC_KEY_PAIR_GEN,
-                public_template={
-                    Attribute.TOKEN: True,
-                    Attribute.VERIFY: True,
-                    Attribute.ENCRYPT: False,
-                    Attribute.WRAP: False,
-                    Attribute.DERIVE: False,
-                },
-                private_template={
-                    Attribute.TOKEN: True,
-                    Attribute.PRIVATE: True,
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.SIGN: True,
-                    Attribute.DECRYPT: False,
-                    Attribute.UNWRAP: False,
-                    Attribute.DERIVE: False,
-                    Attribute.SIGN_RECOVER: False,
-                },
-            )
+            private = {
+                Attribute.TOKEN: True,
+                Attribute.PRIVATE: True,
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.SIGN: True,
+                Attribute.DECRYPT: False,
+                Attribute.UNWRAP: False,
+                Attribute.DERIVE: False,
+                Attribute.SIGN_RECOVER: False,
+            }
+            # Not modifiable and not copyable, or a logged-in session could later widen the
+            # usage (SoftHSM lets C_SetAttributeValue turn DERIVE/DECRYPT on) or copy the key
+            # with other attributes. CKA_COPYABLE is PKCS#11 v2.40: a module that does not
+            # know these two gets the base template, and the key is still sign-only.
+            locked = {**private, Attribute.MODIFIABLE: False, Attribute.COPYABLE: False}
+            for template in (locked, private):
+                try:
+                    params.generate_keypair(
+                        store=True,
+                        label=self.key_label,
+                        id=ident,
+                        mechanism=Mechanism.EC_KEY_PAIR_GEN,
+                        public_template={
+                            Attribute.TOKEN: True,
+                            Attribute.VERIFY: True,
+                            Attribute.ENCRYPT: False,
+                            Attribute.WRAP: False,
+                            Attribute.DERIVE: False,
+                        },
+                        private_template=template,
+                    )
+                    break
+                except (pkcs11.exceptions.AttributeTypeInvalid,
+                        pkcs11.exceptions.AttributeValueInvalid,
+                        pkcs11.exceptions.TemplateInconsistent) as e:
+                    if template is private:
+                        raise
+                    log.warning("%s: module refused a non-modifiable, non-copyable key (%r); "
+                                "generating it without those two attributes", self.name, e)
             if self._identity is not None:
                 self._identity.reset(self.identity_name)
             self._key = None
