@@ -384,6 +384,42 @@ def test_fatal_error_calls_on_fatal_and_get_says_fatal(desk: Desk) -> None:
     assert st["fatal"] and "PIN" in st["fatal"] and st["last_error_kind"] == "pin"
 
 
+def test_forced_refreshes_asked_together_share_one_attempt(desk: Desk) -> None:
+    cache = desk.cache()
+    cache.get(timeout=5)
+    desk.sandbox.state.set_faults(mode="delay", delay=0.5, endpoints=["refresh"], count=1)
+    first = cache.force()
+    wait_for(lambda: desk.stats()["refresh_attempts"] == 1, 5, what="the first forced refresh")
+    # 100 callers while that one is in flight: they all need an attempt that starts after
+    # them, and they all get the same one.
+    waiters = [cache.force() for _ in range(100)]
+    first.result(timeout=5)
+    for waiter in waiters:
+        waiter.result(timeout=5)
+    assert desk.stats()["refresh_attempts"] == 2
+    assert cache.get(timeout=1).via == "refresh"
+
+
+def test_force_waiters_are_released_on_a_fatal_error_and_on_stop(desk: Desk) -> None:
+    signer = PinFailingSigner()
+    cache = desk.cache(signer=signer)
+    waiter = cache.force()
+    with pytest.raises(NoTokenAvailable) as e:
+        waiter.result(timeout=5)
+    assert e.value.reason == "pin" and "PIN" in str(e.value)
+
+    slow = desk.cache()
+    slow.get(timeout=5)
+    desk.sandbox.state.set_faults(mode="delay", delay=1.0, endpoints=["refresh"], count=1)
+    slow.force()
+    wait_for(lambda: desk.stats()["refresh_attempts"] == 1, 5, what="a forced refresh in flight")
+    pending = slow.force()  # wants the attempt after the one in flight, which never comes
+    slow.stop(timeout=5)
+    with pytest.raises(NoTokenAvailable) as e:
+        pending.result(timeout=1)
+    assert e.value.reason == "stopping"
+
+
 def test_force_refresh_after_fatal_says_fatal_at_once(desk: Desk) -> None:
     cache = desk.cache(signer=PinFailingSigner())
     with pytest.raises(NoTokenAvailable):

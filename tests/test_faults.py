@@ -14,7 +14,7 @@ import pytest
 from helpers import cli, wait_for
 
 from tm_hsm_agent import client, jose
-from tm_hsm_agent.errors import EXIT_PIN, EXIT_TOKEN
+from tm_hsm_agent.errors import EXIT_PIN, EXIT_TOKEN, AgentError
 
 SPY_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/pkcs11/pkcs11-spy.so",
@@ -318,6 +318,14 @@ def test_sigterm_during_a_slow_forced_refresh_exits_promptly(start_agent, sandbo
     threading.Thread(target=lambda: _try_refresh(agent), daemon=True).start()
     wait_for(lambda: sandbox.state.stats()["refresh_attempts"] >= 1, 15, what="forced refresh")
     started = time.monotonic()
+    agent.proc.terminate()
+    # The socket goes first, while the agent still gives the refresh in flight its few
+    # seconds: a client arriving now learns at once that no agent is there.
+    wait_for(lambda: not agent.socket.exists() or agent.proc.poll() is not None, 30,
+             what="socket removed")
+    assert agent.proc.poll() is None, "the socket stayed until the very end"
+    with pytest.raises(AgentError, match="no agent socket"):
+        client.get_token(agent.socket, timeout=5)
     assert agent.stop(timeout=60) == 0
     assert time.monotonic() - started < 15  # not the 25 s the refresh could still take
 

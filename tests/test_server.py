@@ -23,7 +23,7 @@ TOKEN = TokenSet("aaa.bbb.ccc", "rrr", "Bearer", time.time() + 300, time.time(),
 
 class FakeCache:
     def __init__(self) -> None:
-        self.policy = CachePolicy(wait_timeout=0.5)
+        self.policy = CachePolicy(wait_timeout=0.5, force_timeout=10.0)
         self.clock = ServerClock()
         self.counters: dict[str, int] = {"mint_ok": 1, "failure:api_transient": 2}
         self.token: TokenSet | None = TOKEN
@@ -40,12 +40,27 @@ class FakeCache:
     def status(self) -> dict:
         return {"token": None, "counters": self.counters}
 
+    def force(self) -> Future[None]:
+        """A forced refresh that finishes when the test says so (``finish_forced``)."""
+        self.forced = getattr(self, "forced", [])
+        fut: Future[None] = Future()
+        self.forced.append(fut)
+        return fut
+
+    def finish_forced(self) -> None:
+        for fut in self.forced:
+            fut.set_result(None)
+
+    def force_timeout_error(self, timeout: float) -> NoTokenAvailable:
+        return NoTokenAvailable("forced refresh timed out", reason="timeout")
+
 
 @pytest.fixture
-def server(tmp_path):
+def server(tmp_path, request):
     cache = FakeCache()
-    srv = AgentServer(cache, audit=NullAudit(),  # type: ignore[arg-type]
-                      limits=Limits(request_timeout=0.5, idle_timeout=1.0, max_body_bytes=64))
+    limits = Limits(request_timeout=0.5, idle_timeout=1.0, max_body_bytes=64,
+                    **getattr(request, "param", {}))
+    srv = AgentServer(cache, audit=NullAudit(), limits=limits)  # type: ignore[arg-type]
     sock = bind_socket(tmp_path / "run" / "s.sock")
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -313,3 +328,163 @@ def test_silent_connections_do_not_delay_other_clients(server):
     finally:
         for s in silent:
             s.close()
+
+
+# -- what a hostile or odd client could do to the event loop's connections ----------------
+
+
+def _until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return predicate()
+
+
+def test_a_client_that_never_reads_its_answers_cannot_grow_the_agent(server):
+    # 20 MB of pipelined requests, answers never read: the agent stops reading (so the
+    # client's sends block) instead of buffering answers, then aborts the connection.
+    srv, _, path = server
+    s = _connect(path)
+    s.settimeout(3)
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    sent = 0
+    try:
+        while sent < 20 * 1024 * 1024:
+            sent += s.send(request * 1000)
+    except (TimeoutError, BlockingIOError, BrokenPipeError, ConnectionResetError):
+        pass
+    buffered = sum(c.transport.get_write_buffer_size() for c in list(srv.conns) if c.transport)
+    assert sent < 8 * 1024 * 1024, sent  # the agent stopped reading long before 20 MB
+    assert buffered < 8 * 1024 * 1024, buffered
+    # ... and a connection whose answers stay unread is aborted (request_timeout 0.5 s here)
+    assert _until(lambda: not srv.conns), len(srv.conns)
+    s.close()
+    assert _one_shot(path, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(
+        b"HTTP/1.1 200 OK")
+
+
+@pytest.mark.parametrize("server", [{"max_connections": 8}], indirect=True)
+def test_at_the_connection_cap_the_longest_idle_connection_makes_room(server):
+    srv, _, path = server
+    held = []
+    for _ in range(8):
+        s = _connect(path)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert s.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        held.append(s)
+    assert _until(lambda: len(srv.conns) == 8)
+    newcomer = _connect(path)
+    newcomer.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert newcomer.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    assert held[0].recv(65536) == b""  # the oldest idle one was closed for it
+    assert len(srv.conns) == 8
+    for s in [*held, newcomer]:
+        s.close()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"POST /v1/token/refresh HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nPOST /v1/token/refresh HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_a_half_closed_client_still_gets_every_answer(server, request_bytes):
+    _, cache, path = server
+    s = _connect(path)
+    s.sendall(request_bytes)
+    s.shutdown(socket.SHUT_WR)  # "that is all I have to say"
+    assert _until(lambda: getattr(cache, "forced", None))
+    cache.finish_forced()
+    out = _read_all(s)
+    assert out.count(b"HTTP/1.1 200 OK") == request_bytes.count(b"HTTP/1.1\r\n"), out
+    assert out.endswith(b"}") and b'"access_token"' in out.split(b"\r\n\r\n")[-1]
+
+
+def test_a_timeout_never_answers_in_place_of_an_earlier_request(server):
+    # A refresh still in progress, then half a request: the refresh is answered first, the
+    # 408 for the half request after it.
+    _, cache, path = server
+    s = _connect(path)
+    s.sendall(b"POST /v1/token/refresh HTTP/1.1\r\nHost: x\r\n\r\nGET /heal")
+    time.sleep(2.5)  # past the 0.5 s request timeout and two sweeps
+    cache.finish_forced()
+    out = _read_all(s)
+    assert out.startswith(b"HTTP/1.1 200 OK"), out
+    assert out.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 408 " in out
+
+
+def test_an_endless_trailer_is_cut_off(server):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(b"POST /v1/token/refresh HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+              b"2\r\nab\r\n0\r\nX-Trailer: ")
+    started = time.monotonic()
+    try:
+        for _ in range(64):
+            s.sendall(b"t" * 1024)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    out = _read_all(s)
+    assert out.startswith(b"HTTP/1.1 413 "), out
+    assert time.monotonic() - started < 0.5 + 1  # cut by size, not by the request timeout
+
+
+def test_too_many_header_fields_get_431(server):
+    _, _, path = server
+    headers = b"".join(b"X-%d: 1\r\n" % i for i in range(101))
+    out = _one_shot(path, b"GET /v1/status HTTP/1.1\r\n" + headers + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 431 ") and b"too many" in out
+
+
+def test_head_gets_a_head_without_a_body(server):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(b"HEAD /v1/token HTTP/1.1\r\nHost: x\r\n\r\n"
+              b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = _read_all(s)
+    head, rest = out.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 405 ") and b"Allow: GET" in head
+    assert rest.startswith(b"HTTP/1.1 200 OK")  # no body bytes between the two answers
+
+
+def test_expect_100_continue_is_answered(server):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(b"POST /v1/status HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+              b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+    assert s.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"  # before we send the body
+    s.sendall(b"{}")
+    assert _read_all(s).startswith(b"HTTP/1.1 405 ")
+
+
+@pytest.mark.parametrize("close", [b"Connection: close\r\n", b""])
+def test_absolute_form_request_target(server, close):
+    _, _, path = server
+    s = _connect(path)
+    s.sendall(b"GET http://agent/v1/token?x=1 HTTP/1.1\r\nHost: agent\r\n" + close + b"\r\n")
+    out = s.recv(65536)
+    assert out.startswith(b"HTTP/1.1 200 OK") and b'"access_token"' in out
+
+
+def test_bytes_after_a_connection_close_request_are_not_a_bad_request(server):
+    srv, _, path = server
+    out = _one_shot(path, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n"
+                          b"GET /healthz HTTP/1.1\r\n\r\n")
+    assert out.count(b"HTTP/1.1 ") == 1
+    assert srv.totals.bad_requests == 0
+
+
+def test_a_refresh_storm_costs_no_thread_per_caller(server):
+    _, cache, path = server
+    before = threading.active_count()
+    clients = []
+    for _ in range(200):
+        s = _connect(path)
+        s.sendall(b"POST /v1/token/refresh HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        clients.append(s)
+    assert _until(lambda: len(getattr(cache, "forced", [])) == 200)
+    assert threading.active_count() <= before + 2
+    cache.finish_forced()
+    for s in clients:
+        assert _read_all(s).startswith(b"HTTP/1.1 200 OK")
+        s.close()

@@ -108,16 +108,27 @@ def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] |
         try:
             asyncio.run(_serve(server, sock, fatal, token, path))
         finally:
+            # Stop listening before waiting for a mint in flight: a client arriving now
+            # finds no socket at once, rather than queueing on a dying agent.
+            _release(sock, path if owns_path else None)
             cache.stop(timeout=5)
         if fatal:
             raise fatal[0]
     finally:
         token.close()
         audit.close()
-        sock.close()
-        if owns_path:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        _release(sock, path if owns_path else None)
+
+
+def _release(sock: Any, path: Path | None) -> None:
+    """Close the listening socket and remove its path (ours, not systemd's), once: a second
+    call must not unlink a socket a new agent may have bound there meanwhile."""
+    if sock.fileno() == -1:
+        return
+    sock.close()
+    if path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 class _DaemonExecutor(Executor):

@@ -16,13 +16,14 @@ The hot path (``current``) is two attribute reads and a clock read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -118,7 +119,7 @@ class TokenCache:
         self._forced = False
         self._forced_inflight = False
         self._forced_done = 0
-        self._forced_error: BaseException | None = None
+        self._force_waiters: list[tuple[int, Future[None]]] = []
         self._blocked: BaseException | None = None
         self._fatal: BaseException | None = None
         self._failures_in_row = 0
@@ -198,35 +199,60 @@ class TokenCache:
         why = f"; last error: {self.last_error}" if self.last_error else ""
         return NoTokenAvailable(f"no valid token within {timeout:.0f}s{why}", reason="timeout")
 
-    def force_refresh(self, timeout: float | None = None) -> TokenSet:
-        """Refresh (or mint) now, even if the current token is fresh; clears a refused-mint block.
+    def force(self) -> Future[None]:
+        """Ask for a refresh (or mint) now, even if the current token is fresh; clears a
+        refused-mint block. Returns a future resolved once a forced attempt that *started
+        after this call* has finished (a refused refresh and the mint that follows it count
+        as one), failed with NoTokenAvailable if that attempt failed.
 
-        Returns once a forced attempt that *started after this call* has finished
-        (a refused refresh and the mint that follows it count as one).
+        Callers arriving together share one attempt; nobody needs a thread to wait.
         """
-        timeout = self.policy.force_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
         with self._cond:
             if self._fatal is not None:
                 raise NoTokenAvailable(f"agent stopped minting: {self._fatal}", reason="fatal")
+            if self._stopping:
+                raise NoTokenAvailable("agent is stopping", reason="stopping")
             target = self._forced_done + (2 if self._forced_inflight else 1)
+            waiter: Future[None] = Future()
+            self._force_waiters.append((target, waiter))
             self._forced = True
             self._blocked = None
             self._next_retry = 0.0
             self._cond.notify_all()
-            while self._forced_done < target:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    still = " (the current token is still being served)" if self.current() else ""
-                    raise NoTokenAvailable(
-                        f"forced refresh did not finish within {timeout:.0f}s{still}", reason="timeout"
-                    )
-                self._cond.wait(remaining)
-            if self._forced_error is not None:
-                raise NoTokenAvailable(
-                    f"forced refresh failed: {self._forced_error}", reason=self.last_error_kind or "failed"
-                )
+            return waiter
+
+    def force_refresh(self, timeout: float | None = None) -> TokenSet:
+        """Blocking: ``force()``, wait for it, then return the valid token it produced."""
+        timeout = self.policy.force_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        try:
+            self.force().result(timeout=timeout)
+        except TimeoutError:
+            raise self.force_timeout_error(timeout) from None
         return self.get(max(deadline - time.monotonic(), 0.0))
+
+    def force_timeout_error(self, timeout: float) -> NoTokenAvailable:
+        still = " (the current token is still being served)" if self.current() else ""
+        return NoTokenAvailable(f"forced refresh did not finish within {timeout:.0f}s{still}",
+                                reason="timeout")
+
+    def _settle_force_waiters(self, error: BaseException | None, everyone: bool = False) -> None:
+        """Resolve the waiters whose forced attempt has finished (all of them with ``everyone``)."""
+        keep: list[tuple[int, Future[None]]] = []
+        for target, waiter in self._force_waiters:
+            if not everyone and target > self._forced_done:
+                keep.append((target, waiter))
+                continue
+            with contextlib.suppress(InvalidStateError):  # its caller gave up (cancelled) already
+                if error is None:
+                    waiter.set_result(None)
+                elif isinstance(error, NoTokenAvailable):
+                    waiter.set_exception(error)
+                else:
+                    why = "agent stopped minting" if everyone else "forced refresh failed"
+                    waiter.set_exception(NoTokenAvailable(
+                        f"{why}: {error}", reason=self.last_error_kind or "failed"))
+        self._force_waiters = keep
 
     # -- the worker -------------------------------------------------------------------
 
@@ -269,6 +295,8 @@ class TokenCache:
                 while True:
                     if self._stopping:
                         self._outcome.set_result(None)
+                        self._settle_force_waiters(
+                            NoTokenAvailable("agent is stopping", reason="stopping"), everyone=True)
                         return
                     action, delay = self._plan()
                     if action is not None:
@@ -368,7 +396,9 @@ class TokenCache:
         self._forced_inflight = False
         if forced_finished:
             self._forced_done += 1
-            self._forced_error = error
+            self._settle_force_waiters(error)
+        if self._fatal is not None:  # no forced attempt will ever come now
+            self._settle_force_waiters(self._fatal, everyone=True)
         done, self._outcome = self._outcome, Future()
         done.set_result(None)
         self._cond.notify_all()

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 from typing import Any
 
 from tm_hsm_agent.errors import AgentError, NoTokenAvailable
@@ -25,9 +26,21 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
         try:
-            sock.connect(self._path)
+            # A non-blocking connect() to a Unix socket whose listen backlog is full fails at
+            # once with EAGAIN (a burst of clients); a blocking one waits for room, up to
+            # SO_SNDTIMEO. So: connect blocking, bounded by the timeout, then time reads too.
+            timeout = self.timeout if isinstance(self.timeout, (int, float)) else None
+            if timeout is not None:
+                sec = int(timeout)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                                struct.pack("ll", sec, int((timeout - sec) * 1e6)))
+            sock.settimeout(None)
+            try:
+                sock.connect(self._path)
+            except BlockingIOError:
+                raise TimeoutError(f"the agent's listen queue stayed full for {timeout}s") from None
+            sock.settimeout(timeout)
         except OSError:
             sock.close()
             raise

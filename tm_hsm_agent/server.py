@@ -64,7 +64,9 @@ class Limits:
     max_body_bytes: int = 4 * 1024
     request_timeout: float = 10.0  # from a request's first byte to its end
     idle_timeout: float = 60.0  # keep-alive connection with nothing in flight
-    max_connections: int = 4096
+    max_connections: int = 4096  # at the cap, the longest-idle keep-alive connection makes room
+    max_headers: int = 100
+    max_pipelined: int = 64  # requests queued behind a slow one before reading pauses
     backlog: int = 4096  # the asyncio default (100) drops bursts of hundreds of clients
 
 
@@ -239,12 +241,19 @@ class _Prepared:
 
 
 class _Conn(asyncio.Protocol):
-    """A connection the accept thread handed to the event loop (peer already checked)."""
+    """A connection the accept thread handed to the event loop (peer already checked).
+
+    Answers go out in request order. Reading pauses while the client does not read its
+    answers (the transport's write buffer is past its high-water mark) or while many
+    pipelined requests wait behind a slow one, so a client cannot make the agent buffer
+    without bound; a connection whose answers stay unread is aborted, not politely closed.
+    """
 
     __slots__ = (
-        "srv", "transport", "parser", "url", "header_bytes", "body", "queue", "busy",
-        "closing", "peer", "deadline", "in_request", "in_head", "raw_head", "done_in_chunk",
-        "initial", "unsent", "close_after",
+        "srv", "transport", "parser", "url", "header_bytes", "headers", "body", "queue", "busy",
+        "closing", "peer", "deadline", "in_request", "in_head", "raw_head", "raw_msg",
+        "done_in_chunk", "initial", "unsent", "close_after", "eof", "write_paused",
+        "read_paused", "expect_continue",
     )
 
     def __init__(self, srv: AgentServer, peer: tuple[int, int, int], initial: bytes = b"",
@@ -254,6 +263,7 @@ class _Conn(asyncio.Protocol):
         self.parser: Any = httptools.HttpRequestParser(self)
         self.url = b""
         self.header_bytes = 0
+        self.headers = 0
         self.body = b""
         self.queue: list[tuple[bytes, bytes, bool, bytes]] = []
         self.busy = False
@@ -263,10 +273,15 @@ class _Conn(asyncio.Protocol):
         self.in_request = False
         self.in_head = False
         self.raw_head = 0
+        self.raw_msg = 0
         self.done_in_chunk = 0
         self.initial = initial  # what the accept thread already read
         self.unsent = unsent  # the rest of an answer the accept thread could not write
         self.close_after = close_after  # ... to a client that asked for Connection: close
+        self.eof = False  # the client half-closed: answer what it asked, then close
+        self.write_paused = False
+        self.read_paused = False
+        self.expect_continue = False
 
     # connection lifecycle
     def connection_made(self, transport: Any) -> None:
@@ -293,30 +308,72 @@ class _Conn(asyncio.Protocol):
         self.parser = None
         self.transport = None
 
+    # flow control
+    def pause_writing(self) -> None:
+        # The client is not reading its answers: stop reading its requests, and give it
+        # request_timeout to catch up before the connection is aborted.
+        self.write_paused = True
+        self.deadline = min(self.deadline, self.srv.loop.time() + self.srv.limits.request_timeout)
+        self._flow()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if not self.in_request:
+            self.deadline = self.srv.loop.time() + self.srv.limits.idle_timeout
+        self._flow()
+
+    def _flow(self) -> None:
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        pause = self.write_paused or self.eof or len(self.queue) >= self.srv.limits.max_pipelined
+        if pause and not self.read_paused:
+            self.read_paused = True
+            transport.pause_reading()
+        elif not pause and self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+
     def _timed_out(self) -> None:
-        if self.in_request and not self.closing:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.write_paused or (self.closing and transport.get_write_buffer_size()):
+            transport.abort()  # its answers stay unread: close() would wait for ever
+        elif self.busy and not self.closing:
+            # A request is still being answered (waiting for a mint or a refresh, which
+            # have their own time limits): its answer goes first, any 408 after it.
+            self.deadline = self.srv.loop.time() + 1.0
+        elif self.in_request and not self.closing:
             self._send_and_close(_error(408, "timeout", "request not completed in time", False))
-        elif self.transport is not None:
-            self.transport.close()
+        else:
+            transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.closing:
+        if self.closing or self.eof:
             return
         self.done_in_chunk = 0
+        limits = self.srv.limits
         try:
             self.parser.feed_data(data)
-            if self.in_head and not self.done_in_chunk:
-                # Headers still incomplete, and every byte of this chunk is theirs (no
-                # message ended in it). llhttp buffers a header value whole before
-                # calling back, so without this raw count 2 MB could pile up.
-                self.raw_head += len(data)
-                if self.raw_head > self.srv.limits.max_header_bytes:
-                    raise _Reject(431, "request headers too large")
+            if self.in_request and not self.done_in_chunk:
+                # Every byte of this chunk belongs to an unfinished request (no message
+                # ended in it). llhttp buffers a header or trailer value whole before
+                # calling back, so without these raw counts megabytes could pile up.
+                self.raw_msg += len(data)
+                if self.in_head:
+                    self.raw_head += len(data)
+                    if self.raw_head > limits.max_header_bytes:
+                        raise _Reject(431, "request headers too large")
+                if self.raw_msg > limits.max_header_bytes + 4 * limits.max_body_bytes:
+                    raise _Reject(413, "request too large (body, chunk framing and trailers)")
         except httptools.HttpParserUpgrade:
             # llhttp has completed (and we answered) the request before this: say no more.
             self.closing = True
             self.transport.close()
         except httptools.HttpParserError as e:
+            if self.closing:
+                return  # bytes after a "Connection: close" request: answered already, ignored
             cause = e.__context__ or e.__cause__
             if isinstance(cause, _Reject):
                 self._bad(cause.status, str(cause))
@@ -330,7 +387,8 @@ class _Conn(asyncio.Protocol):
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.in_request = self.in_head = True
-        self.header_bytes = self.raw_head = 0
+        self.header_bytes = self.headers = self.raw_head = self.raw_msg = 0
+        self.expect_continue = False
         self.deadline = self.srv.loop.time() + self.srv.limits.request_timeout
 
     def on_url(self, url: bytes) -> None:
@@ -339,11 +397,20 @@ class _Conn(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
+        self.headers += 1
+        if self.headers > self.srv.limits.max_headers:
+            raise _Reject(431, "too many request header fields")
+        if self.in_head and name.lower() == b"expect":
+            self.expect_continue = value.strip().lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         if self.parser.get_http_version() not in ("1.1", "1.0"):
             raise _Reject(400, "only HTTP/1.0 and HTTP/1.1 are supported")
+        if self.expect_continue and not self.busy and not self.queue and not self.closing:
+            # The client waits for this before sending its body. Only when nothing is
+            # queued before it, so an interim answer never lands ahead of a final one.
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _count(self, n: int) -> None:
         self.header_bytes += n
@@ -363,6 +430,7 @@ class _Conn(asyncio.Protocol):
         self.deadline = self.srv.loop.time() + self.srv.limits.idle_timeout
         if self.busy or self.queue:  # pipelined behind a request still being answered
             self.queue.append((parser.get_method(), url, parser.should_keep_alive(), body))
+            self._flow()
         elif not self.closing:
             self._answer(parser.get_method(), url, parser.should_keep_alive(), body)
 
@@ -370,11 +438,17 @@ class _Conn(asyncio.Protocol):
     def _drain(self) -> None:
         while self.queue and not self.busy and not self.closing:
             self._answer(*self.queue.pop(0))
+        self._flow()
+        if self.eof and not self.busy and not self.queue and not self.closing:
+            self.closing = True
+            self.transport.close()  # everything the half-closed client asked is answered
 
     def _answer(self, method: bytes, url: bytes, keep: bool, body: bytes) -> None:
         started = time.perf_counter()
         out = self.srv.handle_fast(self, method, url, keep)
         if out is not None:
+            if method == b"HEAD":  # the head a GET would get (here: a 405), without its body
+                out = out[: out.index(b"\r\n\r\n") + 4]
             self._write(out, keep, started)
             return
         self.busy = True
@@ -402,6 +476,13 @@ class _Conn(asyncio.Protocol):
 
     def _bad(self, status: int, message: str) -> None:
         self.srv.stats.bad_requests += 1
+        if self.busy or self.queue:
+            # An answer is still owed for an earlier request; a 400 now would stand in
+            # its place. Stop here; the connection closes once that answer is written.
+            self.queue.clear()
+            self.eof = True
+            self._flow()
+            return
         self._send_and_close(_error(status, "bad_request", message, False))
 
     def _send_and_close(self, out: bytes) -> None:
@@ -421,6 +502,11 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     def eof_received(self) -> bool:
+        if (self.busy or self.queue) and not self.closing:
+            # A half-close after a complete request ("I have nothing more to say") still
+            # deserves the answer: keep our side open until what was asked is answered.
+            self.eof = True
+            return True
         return False  # close our side too
 
 
@@ -483,6 +569,12 @@ def token_request(data: bytes) -> bool | None:
 
 
 def _route_path(url: bytes) -> bytes:
+    """The path of a request target: origin form (``/v1/token?x``) or absolute form."""
+    if url[:1] != b"/":
+        try:
+            return httptools.parse_url(url).path or b"/"  # http://agent/v1/token (RFC 9112 3.2.2)
+        except httptools.HttpParserInvalidURLError:
+            return url
     return url if b"?" not in url else url.split(b"?", 1)[0]
 
 
@@ -565,9 +657,6 @@ class _Acceptor:
         if uid not in srv.allow_uids and gid not in srv.allow_gids:
             stats.refused_peers += 1  # refused before a byte is read
             log.warning("refused connection from uid %d gid %d pid %d", uid, gid, pid)
-            conn.close()
-            return
-        if len(srv.conns) >= srv.limits.max_connections:
             conn.close()
             return
         stats.connections += 1
@@ -730,7 +819,12 @@ class AgentServer:
         try:
             if path == b"/v1/token/refresh":
                 self._count("refresh")
-                tok = await self.loop.run_in_executor(None, self.cache.force_refresh, None)
+                timeout = self.cache.policy.force_timeout
+                try:  # a future, not a thread per caller: a refresh storm costs no threads
+                    await asyncio.wait_for(asyncio.wrap_future(self.cache.force()), timeout)
+                except TimeoutError:
+                    raise self.cache.force_timeout_error(timeout) from None
+                tok = await self._wait_token()
             else:
                 self._count("token_wait")
                 tok = await self._wait_token()
@@ -826,12 +920,29 @@ class AgentServer:
     def adopt(self, conn: socket.socket, data: bytes, peer: tuple[int, int, int],
               unsent: bytes = b"", close_after: bool = False) -> None:
         """On the loop: take over a connection from the accept thread."""
-        if self._closing:
+        if self._closing or (len(self.conns) >= self.limits.max_connections and not self._make_room()):
             conn.close()
             return
         task = self.loop.create_task(self._adopt(conn, _Conn(self, peer, data, unsent, close_after)))
         self._adopting.add(task)
         task.add_done_callback(self._adopting.discard)
+
+    def _make_room(self) -> bool:
+        """At the connection cap: close the longest-idle keep-alive connection, if there is one.
+
+        Otherwise one client holding thousands of idle connections would lock every other
+        client out (one-shot token requests are answered by the accept thread regardless).
+        """
+        idle = [c for c in self.conns
+                if not (c.in_request or c.busy or c.queue or c.closing) and c.transport is not None]
+        if not idle:
+            log.warning("connection limit (%d) reached; refusing a connection", self.limits.max_connections)
+            return False
+        victim = min(idle, key=lambda c: c.deadline)
+        victim.closing = True
+        victim.transport.abort()  # connection_lost (which leaves self.conns) comes at once
+        self.conns.discard(victim)
+        return True
 
     async def _adopt(self, conn: socket.socket, protocol: _Conn) -> None:
         try:
