@@ -270,8 +270,8 @@ def test_bad_signature_is_refused_after_one_attempt(sandbox, client: AuthClient)
     with pytest.raises(ApiRejected) as e:
         client.mint(kid, garbage.sign_challenge)
     assert e.value.status == 401 and not e.value.retryable
-    assert "does not verify" in (e.value.server_message or "")
-    assert e.value.server_message in str(e.value)
+    assert e.value.server_message == "unauthorized" and e.value.server_message in str(e.value)
+    assert "does not verify" in (sandbox.state.last_refusal or "")
     assert sandbox.state.stats()["mint_attempts"] == 1
     assert len(garbage.calls) == 1
 
@@ -289,8 +289,9 @@ def test_error_bodies_carry_the_server_message(sandbox, client: AuthClient, sign
     unknown = "00000000-0000-4000-8000-000000000000"
     with pytest.raises(ApiRejected) as e:
         client.mint(unknown, signer.sign_challenge)
-    assert (e.value.status, e.value.server_message) == (401, "unknown or revoked API key")
-    assert "unknown or revoked API key" in str(e.value) and unknown in str(e.value)
+    assert (e.value.status, e.value.server_message) == (401, "unauthorized")  # says no more
+    assert "unauthorized" in str(e.value) and unknown in str(e.value)
+    assert sandbox.state.last_refusal == "unknown or revoked API key"
 
     with pytest.raises(ApiRejected) as e:
         client.mint("not-a-uuid", signer.sign_challenge)
@@ -298,7 +299,7 @@ def test_error_bodies_carry_the_server_message(sandbox, client: AuthClient, sign
 
     with pytest.raises(ApiRejected) as e:
         client.refresh("not.a.jwt", unknown)
-    assert e.value.status == 401 and "refresh token rejected" in (e.value.server_message or "")
+    assert e.value.status == 401 and "refresh token rejected" in (sandbox.state.last_refusal or "")
     assert "/token/refresh" in str(e.value)
 
 
@@ -382,7 +383,7 @@ def test_refresh_rotates_and_a_used_refresh_token_is_refused(
 
     with pytest.raises(ApiRejected) as e:
         client.refresh(first.refresh_token, key_id)
-    assert e.value.status == 401 and "already been used" in (e.value.server_message or "")
+    assert e.value.status == 401 and "already been used" in (sandbox.state.last_refusal or "")
     stats = sandbox.state.stats()
     assert (stats["refreshes"], stats["refresh_attempts"], stats["mints"]) == (2, 3, 1)
     assert len(signer.calls) == 1  # refresh needs no signature
@@ -395,7 +396,7 @@ def test_revoked_refresh_token_is_refused(
     assert sandbox.state.revoke_refresh_tokens() == 1
     with pytest.raises(ApiRejected) as e:
         client.refresh(tokens.refresh_token, key_id)
-    assert e.value.status == 401 and "revoked" in (e.value.server_message or "")
+    assert e.value.status == 401 and "revoked" in (sandbox.state.last_refusal or "")
 
 
 # -- JWKS ----------------------------------------------------------------------------------------

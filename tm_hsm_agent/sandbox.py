@@ -213,6 +213,7 @@ class SandboxState:
         self._access_ttl = float(opts.access_ttl)
         self._refresh_ttl = float(opts.refresh_ttl)
         self._skew = opts.skew
+        self._last_refusal: str | None = None
         self._clock = opts.clock
         self._offset = float(opts.clock_offset)
         self._signing_key = opts.signing_key or self._generate_key(opts.alg)
@@ -384,6 +385,16 @@ class SandboxState:
                 self._stats["faults_injected"] += 1
             return fault if hit else None
 
+    def note_refusal(self, reason: str) -> None:
+        """Remember why the last 401 was given (the answer itself does not say)."""
+        with self._lock:
+            self._last_refusal = reason
+
+    @property
+    def last_refusal(self) -> str | None:
+        with self._lock:
+            return self._last_refusal
+
     def stats(self) -> dict[str, int]:
         """Counters; attempts include refused and faulted requests, admin calls are not counted."""
         with self._lock:
@@ -445,11 +456,13 @@ class SandboxState:
             rec = self._keys.get(key_id)
             if rec is None or rec.revoked:
                 raise Unauthorized("unknown or revoked API key")
-            server_secs = math.floor(self.now())
-        if abs(timestamp - server_secs) > self._skew:
+            server_now = self.now()
+        # Against the exact server time, not its whole second: "within ±30s" is the stricter
+        # reading (a timestamp 30.9 s old is refused).
+        if abs(timestamp - server_now) > self._skew:
             raise Unauthorized(
                 f"timestamp is outside the accepted window of ±{self._skew} s around server "
-                f"time {server_secs}; check the clock"
+                f"time {server_now:.3f}; check the clock"
             )
         try:
             raw = b64url_decode(signature)
@@ -523,6 +536,19 @@ class SandboxState:
 
 # ---------------------------------------------------------------------------
 # HTTP layer
+
+
+# The service's 401 says the same whatever the cause (unknown, expired or revoked key, bad
+# signature, timestamp out of range, used refresh token), so a client must not learn to
+# read it. The sandbox says the same; the cause goes to its log and, for rehearsal and
+# tests, to a header the real service does not send.
+UNAUTHORIZED_MESSAGE = "unauthorized"
+REFUSAL_HEADER = "X-Sandbox-Refusal"
+
+
+def _refused(e: Unauthorized) -> _HttpError:
+    reason = str(e).encode("ascii", "replace").decode("ascii")  # a header is latin-1 at most
+    return _HttpError(401, UNAUTHORIZED_MESSAGE, headers=[(REFUSAL_HEADER, reason)])
 
 
 class _HttpError(Exception):
@@ -851,7 +877,8 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, self.state.mint(key_id, timestamp, signature)
         except Unauthorized as e:
             logger.info("sandbox refused mint for key %s: %s", key_id, e)
-            raise _HttpError(401, str(e)) from None
+            self.state.note_refusal(str(e))
+            raise _refused(e) from None
 
     def _refresh(self, body: bytes) -> tuple[int, Any]:
         _check_content_type(self.headers.get("Content-Type"))
@@ -860,7 +887,8 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, self.state.refresh(token)
         except Unauthorized as e:
             logger.info("sandbox refused refresh: %s", e)
-            raise _HttpError(401, str(e)) from None
+            self.state.note_refusal(str(e))
+            raise _refused(e) from None
 
     def _jwks(self, body: bytes) -> tuple[int, Any]:
         return 200, self.state.jwks()
