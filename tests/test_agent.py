@@ -357,3 +357,18 @@ def test_token_cli_when_the_agent_has_no_token(start_agent, sandbox, agent_env):
     assert result.returncode == EXIT_NO_TOKEN
     assert "the agent answered 503" in result.stderr and "no valid token: no valid" not in result.stderr
     assert agent.stop() == 0
+
+
+def test_the_agent_runs_without_uvloop(start_agent, tmp_path):
+    # uvloop is an optional extra (`pip install .` alone does not bring it): the agent must
+    # serve on the stdlib loop too. A module that refuses to import stands in for its absence.
+    shim = tmp_path / "no-uvloop"
+    (shim / "uvloop").mkdir(parents=True)
+    (shim / "uvloop" / "__init__.py").write_text("raise ImportError('uvloop is not installed')\n")
+    agent = start_agent("--prefetch", env={"PYTHONPATH": str(shim)})
+    first = client.get_token_info(agent.socket)
+    status, body = client.request("POST", "/v1/token/refresh", agent.socket, timeout=30)
+    assert status == 200 and body["access_token"] != first["access_token"]
+    assert client.get_token(agent.socket) == body["access_token"]
+    assert agent.stop() == 0
+    assert "event loop: asyncio" in agent.output()

@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,10 @@ def _event_loop_policy() -> None:
     try:
         import uvloop
     except ImportError:
+        log.info("event loop: asyncio (install the 'fast' extra for uvloop)")
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    log.info("event loop: uvloop %s", uvloop.__version__)
 
 
 def run_agent(cfg: Config, options: AgentOptions, prompt: Callable[[str], str] | None = None) -> None:
@@ -131,10 +133,12 @@ def _release(sock: Any, path: Path | None) -> None:
             path.unlink()
 
 
-class _DaemonExecutor(Executor):
-    """A thread per call, as daemon threads: for the rare slow calls (forced refresh, token
-    probe). asyncio.run joins its default executor's threads on the way out, and one of
-    these may be waiting on a hung token or a slow API; shutdown must not wait for it."""
+class _DaemonExecutor(ThreadPoolExecutor):
+    """A thread per call, as daemon threads: for the rare slow call (the token probe, every
+    2 s). asyncio.run joins its default executor's threads on the way out, and one of these
+    may be waiting on a hung token; shutdown must not wait for it. A ThreadPoolExecutor only
+    in name (it never starts the pool): the stdlib loop accepts no other default executor
+    since Python 3.11 (uvloop does)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         future: Future[Any] = Future()

@@ -24,6 +24,7 @@ import contextlib
 import errno
 import functools
 import grp
+import itertools
 import json
 import logging
 import os
@@ -55,6 +56,8 @@ LINGER = 1.0  # seconds to drain a rejected client's input before closing
 # How long the accept thread waits for a new client's first bytes when no other client is
 # waiting to connect; after that (or as soon as one is) the connection goes to the loop.
 FIRST_BYTES_WAIT_MS = 50
+FEED_SLICE = 8192  # bytes parsed at a time; answers in between get a chance to drain
+_NEVER = float("inf")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0)
 
 
@@ -253,7 +256,7 @@ class _Conn(asyncio.Protocol):
         "srv", "transport", "parser", "url", "header_bytes", "headers", "body", "queue", "busy",
         "closing", "peer", "deadline", "in_request", "in_head", "raw_head", "raw_msg",
         "done_in_chunk", "initial", "unsent", "close_after", "eof", "write_paused",
-        "read_paused", "expect_continue",
+        "stall_deadline", "backlog", "backlog_at", "expect_continue", "active",
     )
 
     def __init__(self, srv: AgentServer, peer: tuple[int, int, int], initial: bytes = b"",
@@ -280,14 +283,18 @@ class _Conn(asyncio.Protocol):
         self.close_after = close_after  # ... to a client that asked for Connection: close
         self.eof = False  # the client half-closed: answer what it asked, then close
         self.write_paused = False
-        self.read_paused = False
+        self.stall_deadline = _NEVER  # loop time by which unread answers must drain
+        self.backlog = b""  # bytes read but not parsed yet (fed in slices; see _feed_backlog)
+        self.backlog_at = 0
         self.expect_continue = False
+        self.active = 0  # when it last finished a request, in the server's activity order
 
     # connection lifecycle
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         srv = self.srv
         srv.conns.add(self)
+        self.active = next(srv.activity)
         self.deadline = srv.loop.time() + srv.limits.idle_timeout
         initial, unsent, self.initial, self.unsent = self.initial, self.unsent, b"", b""
         if unsent:
@@ -297,8 +304,11 @@ class _Conn(asyncio.Protocol):
                 transport.close()  # after the buffered bytes are written
                 return
         if initial:
-            # Before the transport delivers anything newer: the bytes stay in order.
-            self.data_received(initial)
+            # Parsed on the next loop turn, not here: uvloop starts reading only after
+            # connection_made returns, undoing a pause_reading made inside it. Newer bytes
+            # queue behind these in the backlog, so the order is kept.
+            self.backlog = initial
+            srv.loop.call_soon(self._feed_backlog)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.srv.conns.discard(self)
@@ -310,35 +320,39 @@ class _Conn(asyncio.Protocol):
 
     # flow control
     def pause_writing(self) -> None:
-        # The client is not reading its answers: stop reading its requests, and give it
-        # request_timeout to catch up before the connection is aborted.
+        # The client is not reading its answers: stop parsing and reading its requests,
+        # and give it request_timeout to drain them before the connection is aborted.
         self.write_paused = True
-        self.deadline = min(self.deadline, self.srv.loop.time() + self.srv.limits.request_timeout)
+        self.stall_deadline = self.srv.loop.time() + self.srv.limits.request_timeout
         self._flow()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if not self.in_request:
-            self.deadline = self.srv.loop.time() + self.srv.limits.idle_timeout
-        self._flow()
+        self.stall_deadline = _NEVER
+        self._feed_backlog()
+
+    def _congested(self) -> bool:
+        return self.write_paused or len(self.queue) >= self.srv.limits.max_pipelined
 
     def _flow(self) -> None:
+        """Read from the client only while it keeps up and nothing read is left unparsed."""
         transport = self.transport
         if transport is None or self.closing:
             return
-        pause = self.write_paused or self.eof or len(self.queue) >= self.srv.limits.max_pipelined
-        if pause and not self.read_paused:
-            self.read_paused = True
-            transport.pause_reading()
-        elif not pause and self.read_paused:
-            self.read_paused = False
-            transport.resume_reading()
+        hold = self.eof or bool(self.backlog) or self._congested()
+        if hold == transport.is_reading():  # the transport's own state, never a copy of it
+            if hold:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def _timed_out(self) -> None:
         transport = self.transport
         if transport is None:
             return
-        if self.write_paused or (self.closing and transport.get_write_buffer_size()):
+        if self.stall_deadline < self.srv.loop.time() or (
+            self.closing and transport.get_write_buffer_size()
+        ):
             transport.abort()  # its answers stay unread: close() would wait for ever
         elif self.busy and not self.closing:
             # A request is still being answered (waiting for a mint or a refresh, which
@@ -352,14 +366,44 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing or self.eof:
             return
+        if self.backlog:
+            self.backlog, self.backlog_at = self.backlog[self.backlog_at:] + data, 0
+        else:
+            self.backlog = data
+        self._feed_backlog()
+
+    def _feed_backlog(self) -> None:
+        """Parse what was read, FEED_SLICE bytes at a time, while the client keeps up.
+
+        One read can hold thousands of small pipelined requests; answering them all at once
+        would buffer megabytes of answers for a client that does not read them. So the
+        parser gets a slice, and the rest waits (reading paused) until the answers drain.
+        """
+        while self.backlog and not self.closing and not self._congested():
+            at = self.backlog_at
+            if at == 0 and len(self.backlog) <= FEED_SLICE:
+                chunk, self.backlog = self.backlog, b""
+            else:
+                chunk = self.backlog[at : at + FEED_SLICE]
+                self.backlog_at = at + len(chunk)
+                if self.backlog_at >= len(self.backlog):
+                    self.backlog, self.backlog_at = b"", 0
+            self._feed(chunk)
+        self._flow()
+        if self.eof and not (self.busy or self.queue or self.backlog or self.closing):
+            self.closing = True
+            self.transport.close()  # everything the half-closed client asked is answered
+
+    def _feed(self, data: bytes) -> None:
         self.done_in_chunk = 0
         limits = self.srv.limits
         try:
             self.parser.feed_data(data)
             if self.in_request and not self.done_in_chunk:
-                # Every byte of this chunk belongs to an unfinished request (no message
+                # Every byte of this slice belongs to an unfinished request (no message
                 # ended in it). llhttp buffers a header or trailer value whole before
-                # calling back, so without these raw counts megabytes could pile up.
+                # calling back, so without these raw counts megabytes could pile up. (A
+                # slice in which a message ended goes uncounted: at most FEED_SLICE bytes.)
                 self.raw_msg += len(data)
                 if self.in_head:
                     self.raw_head += len(data)
@@ -382,7 +426,7 @@ class _Conn(asyncio.Protocol):
         except _Reject as e:
             self._bad(e.status, str(e))
         else:
-            self._drain()
+            self._answer_queued()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -427,48 +471,51 @@ class _Conn(asyncio.Protocol):
         url, body, self.url, self.body = self.url, self.body, b"", b""
         self.in_request = False
         self.done_in_chunk += 1
+        self.active = next(self.srv.activity)
         self.deadline = self.srv.loop.time() + self.srv.limits.idle_timeout
         if self.busy or self.queue:  # pipelined behind a request still being answered
             self.queue.append((parser.get_method(), url, parser.should_keep_alive(), body))
-            self._flow()
         elif not self.closing:
             self._answer(parser.get_method(), url, parser.should_keep_alive(), body)
 
     # answering, in order
-    def _drain(self) -> None:
+    def _answer_queued(self) -> None:
         while self.queue and not self.busy and not self.closing:
             self._answer(*self.queue.pop(0))
-        self._flow()
-        if self.eof and not self.busy and not self.queue and not self.closing:
-            self.closing = True
-            self.transport.close()  # everything the half-closed client asked is answered
 
     def _answer(self, method: bytes, url: bytes, keep: bool, body: bytes) -> None:
         started = time.perf_counter()
-        out = self.srv.handle_fast(self, method, url, keep)
+        out, tok = self.srv.handle_fast(method, url, keep)
         if out is not None:
             if method == b"HEAD":  # the head a GET would get (here: a 405), without its body
                 out = out[: out.index(b"\r\n\r\n") + 4]
-            self._write(out, keep, started)
+            self._write(out, keep, started, tok)
             return
         self.busy = True
-        task = self.srv.loop.create_task(self.srv.handle_slow(self, method, url, keep, body))
+        task = self.srv.loop.create_task(self.srv.handle_slow(method, url, keep, body))
         task.add_done_callback(functools.partial(self._slow_done, keep=keep, started=started))
 
-    def _slow_done(self, task: asyncio.Task[bytes], *, keep: bool, started: float) -> None:
+    def _slow_done(self, task: asyncio.Task[tuple[bytes, TokenSet | None]], *, keep: bool,
+                   started: float) -> None:
         self.busy = False
         if self.closing:
-            return
+            return  # the client went away: nothing was handed out
         try:
-            out = task.result()
+            out, tok = task.result()
         except Exception:  # noqa: BLE001 - one request's bug must not kill the agent
             log.exception("request handler failed")
-            out, keep = _error(500, "internal", "internal error", False), False
-        self._write(out, keep, started)
-        self._drain()
+            out, keep, tok = _error(500, "internal", "internal error", False), False, None
+        self._write(out, keep, started, tok)
+        self._answer_queued()
+        self._feed_backlog()
 
-    def _write(self, out: bytes, keep: bool, started: float) -> None:
-        self.transport.write(out)
+    def _write(self, out: bytes, keep: bool, started: float, tok: TokenSet | None = None) -> None:
+        transport = self.transport
+        transport.write(out)
+        if tok is not None and not transport.is_closing():
+            # Counted and audited once written; a peer that has gone makes the write fail
+            # (EPIPE) and the transport close: nothing was handed out then.
+            self.srv.handed_out(self, tok)
         self.srv.stats.observe(time.perf_counter() - started)
         if not keep:
             self.closing = True
@@ -480,6 +527,7 @@ class _Conn(asyncio.Protocol):
             # An answer is still owed for an earlier request; a 400 now would stand in
             # its place. Stop here; the connection closes once that answer is written.
             self.queue.clear()
+            self.backlog, self.backlog_at = b"", 0
             self.eof = True
             self._flow()
             return
@@ -502,7 +550,7 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     def eof_received(self) -> bool:
-        if (self.busy or self.queue) and not self.closing:
+        if (self.busy or self.queue or self.backlog) and not self.closing:
             # A half-close after a complete request ("I have nothing more to say") still
             # deserves the answer: keep our side open until what was asked is answered.
             self.eof = True
@@ -519,12 +567,12 @@ class _Reject(Exception):
 class _OneRequest:
     """httptools callbacks for the accept thread's look at a client's first bytes."""
 
-    __slots__ = ("parser", "url", "begun", "complete", "body", "keep", "method", "version")
+    __slots__ = ("parser", "url", "begun", "complete", "body", "keep", "method", "version", "headers")
 
     def __init__(self) -> None:
         self.parser: Any = httptools.HttpRequestParser(self)
         self.url = b""
-        self.begun = self.complete = 0
+        self.begun = self.complete = self.headers = 0
         self.body = self.keep = False
         self.method = b""
         self.version = ""
@@ -534,6 +582,9 @@ class _OneRequest:
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += 1
 
     def on_body(self, body: bytes) -> None:
         self.body = True
@@ -548,7 +599,7 @@ class _OneRequest:
         self.version = parser.get_http_version()
 
 
-def token_request(data: bytes) -> bool | None:
+def token_request(data: bytes, max_headers: int = Limits.max_headers) -> bool | None:
     """Are ``data`` exactly one complete, body-less ``GET /v1/token``? Then: keep-alive or not.
 
     None for anything else (incomplete, pipelined, malformed, another route...): such
@@ -562,6 +613,8 @@ def token_request(data: bytes) -> bool | None:
     finally:
         req.parser = None  # no parser <-> callbacks cycle left for the garbage collector
     if req.begun != 1 or req.complete != 1 or req.body or req.method != b"GET":
+        return None
+    if req.headers > max_headers:  # the loop answers 431, as for any other request
         return None
     if _route_path(req.url) != b"/v1/token" or req.version not in ("1.1", "1.0"):
         return None
@@ -601,6 +654,7 @@ class _Acceptor:
         # token_request's verdict per request, byte for byte: clients repeat the same bytes
         # (curl, requests, tm_hsm_agent.client), and a lookup costs less than a parse.
         self._verdicts: dict[bytes, bool] = {}
+        self.handed = 0  # connections passed to the loop (written by this thread only)
         self._thread = threading.Thread(target=self._run, name="agent-accept", daemon=True)
         self._stopping = False
 
@@ -688,10 +742,10 @@ class _Acceptor:
 
     def _verdict(self, data: bytes) -> bool | None:
         if len(data) > self.MEMO_KEY_BYTES:
-            return token_request(data)
+            return token_request(data, self.srv.limits.max_headers)
         verdict = self._verdicts.get(data)
         if verdict is None:
-            verdict = token_request(data)
+            verdict = token_request(data, self.srv.limits.max_headers)
             if verdict is not None:
                 if len(self._verdicts) >= self.MEMO_ENTRIES:
                     self._verdicts.clear()
@@ -713,6 +767,14 @@ class _Acceptor:
 
     def _hand_over(self, conn: socket.socket, data: bytes, peer: tuple[int, int, int],
                    unsent: bytes = b"", close_after: bool = False) -> None:
+        srv = self.srv
+        # Hand-overs the loop has not taken yet. Each counter has one writer (this thread,
+        # the loop), so their difference needs no lock. A loop a whole connection cap behind
+        # gets no more: under a connection flood the descriptors stay bounded.
+        if self.handed - srv.adopted >= srv.limits.max_connections:
+            conn.close()
+            return
+        self.handed += 1
         try:
             self.srv.loop.call_soon_threadsafe(self.srv.adopt, conn, data, peer, unsent, close_after)
         except RuntimeError:  # the loop has closed: we are shutting down
@@ -765,6 +827,8 @@ class AgentServer:
         self._prepared: _Prepared | None = None
         self._acceptor: _Acceptor | None = None
         self._adopting: set[asyncio.Task[None]] = set()
+        self.adopted = 0  # hand-overs taken by the loop (written by the loop thread only)
+        self.activity = itertools.count()  # orders connections by their last request
         self._closing = False
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -783,38 +847,38 @@ class AgentServer:
         return self.stats + self._acceptor.stats if self._acceptor is not None else self.stats
 
     # a cached token needs no await (keep-alive requests and connections handed over)
-    def handle_fast(self, conn: _Conn, method: bytes, url: bytes, keep: bool) -> bytes | None:
+    def handle_fast(self, method: bytes, url: bytes, keep: bool) -> tuple[bytes | None, TokenSet | None]:
+        """The answers that need no waiting: (answer, token in it), or (None, None) for
+        handle_slow."""
         path = _route_path(url)
         if path == b"/v1/token" and method == b"GET":
             tok = self.cache.current()
             if tok is None:
-                return None
+                return None, None
             prepared = self.prepared(tok)
-            self.stats.served += 1
-            pid, uid, _ = conn.peer
-            self.audit.record_handout(uid, pid, tok.fingerprint, tok.key_id)
-            return prepared.keep if keep else prepared.close
+            return (prepared.keep if keep else prepared.close), tok
         allowed = ROUTES.get(path)
         if allowed is None:
             self._count("not_found")
-            return _error(404, "not_found", f"no such endpoint {path.decode('latin-1')[:200]}", keep)
+            return _error(404, "not_found", f"no such endpoint {path.decode('latin-1')[:200]}", keep), None
         if method != allowed:
             self._count("bad_method")
             return _error(405, "method_not_allowed", f"use {allowed.decode()}", keep,
-                          extra=f"Allow: {allowed.decode()}\r\n")
+                          extra=f"Allow: {allowed.decode()}\r\n"), None
         if path == b"/healthz":
             self._count("healthz")
-            return _json(200, {"ok": True}, keep)
+            return _json(200, {"ok": True}, keep), None
         if path == b"/v1/status":
             self._count("status")
-            return _json(200, self.status(), keep)
+            return _json(200, self.status(), keep), None
         if path == b"/metrics":
             self._count("metrics")
-            return _response(200, self.metrics().encode(), keep, "text/plain; version=0.0.4")
-        return None
+            return _response(200, self.metrics().encode(), keep, "text/plain; version=0.0.4"), None
+        return None, None
 
-    async def handle_slow(self, conn: _Conn, method: bytes, url: bytes, keep: bool,
-                          body: bytes) -> bytes:
+    async def handle_slow(self, method: bytes, url: bytes, keep: bool,
+                          body: bytes) -> tuple[bytes, TokenSet | None]:
+        """The answers that may wait (a mint, a forced refresh): (answer, token handed out)."""
         path = _route_path(url)
         try:
             if path == b"/v1/token/refresh":
@@ -830,11 +894,15 @@ class AgentServer:
                 tok = await self._wait_token()
         except NoTokenAvailable as e:
             self._count("unavailable")
-            return _error(503, e.reason, str(e), keep, extra="Retry-After: 1\r\n")
+            return _error(503, e.reason, str(e), keep, extra="Retry-After: 1\r\n"), None
+        prepared = _Prepared(tok)
+        return (prepared.keep if keep else prepared.close), tok
+
+    def handed_out(self, conn: _Conn, tok: TokenSet) -> None:
+        """Count and audit a token written to a client (once it is written, not before)."""
         self.stats.served += 1
         pid, uid, _ = conn.peer
         self.audit.record_handout(uid, pid, tok.fingerprint, tok.key_id)
-        return _Prepared(tok).keep if keep else _Prepared(tok).close
 
     async def _wait_token(self) -> TokenSet:
         timeout = self.cache.policy.wait_timeout
@@ -920,6 +988,7 @@ class AgentServer:
     def adopt(self, conn: socket.socket, data: bytes, peer: tuple[int, int, int],
               unsent: bytes = b"", close_after: bool = False) -> None:
         """On the loop: take over a connection from the accept thread."""
+        self.adopted += 1
         if self._closing or (len(self.conns) >= self.limits.max_connections and not self._make_room()):
             conn.close()
             return
@@ -938,7 +1007,7 @@ class AgentServer:
         if not idle:
             log.warning("connection limit (%d) reached; refusing a connection", self.limits.max_connections)
             return False
-        victim = min(idle, key=lambda c: c.deadline)
+        victim = min(idle, key=lambda c: c.active)  # not the deadline: loop time ticks in ms
         victim.closing = True
         victim.transport.abort()  # connection_lost (which leaves self.conns) comes at once
         self.conns.discard(victim)
@@ -956,7 +1025,7 @@ class AgentServer:
         while True:
             await asyncio.sleep(1.0)
             now = self.loop.time()
-            for conn in [c for c in self.conns if c.deadline < now]:
+            for conn in [c for c in self.conns if c.deadline < now or c.stall_deadline < now]:
                 conn._timed_out()
 
     async def close(self) -> None:
