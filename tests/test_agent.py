@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from helpers import cli, wait_for
+from helpers import cli, python_as_nobody, wait_for
 
 from tm_hsm_agent import client, jose
 from tm_hsm_agent.errors import EXIT_AGENT
@@ -145,12 +145,7 @@ def test_socket_mode_and_directory(start_agent):
 
 
 def _as_nobody(code: str) -> subprocess.CompletedProcess[str]:
-    if os.getuid() != 0 or shutil.which("setpriv") is None:
-        pytest.skip("needs root and setpriv to run a client as an unprivileged user")
-    return subprocess.run(
-        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
-        capture_output=True, text=True, timeout=30,
-    )
+    return python_as_nobody(code)
 
 
 def test_other_users_cannot_reach_the_socket(start_agent):

@@ -9,19 +9,16 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import NOBODY, python_as_nobody
 
 from tm_hsm_agent.errors import EXIT_PIN, ConfigError, PinError
 from tm_hsm_agent.pin import SYSTEMD_CREDENTIAL, Pin, RejectedPins, check_secret_file, pin_source
-
-ROOT = Path(__file__).resolve().parent.parent
-NOBODY = 65534
 
 
 def secret(directory: Path, content: str = "123456\n", mode: int = 0o600, name: str = "pin") -> Path:
@@ -173,21 +170,6 @@ def test_pin_never_shows_its_value() -> None:
 # -- as an unprivileged user: root's file modes prove nothing ------------------------------------
 
 
-def _nobody_python() -> str:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to switch to an unprivileged user")
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) is not installed")
-    for python in (sys.executable, "/usr/bin/python3"):
-        ok = subprocess.run(
-            ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", python, "-c", "print(1)"],
-            capture_output=True, text=True, timeout=30,
-        )
-        if ok.returncode == 0:
-            return python
-    pytest.skip("no Python interpreter is usable by uid 65534")
-
-
 CHECK = """
 import sys
 from pathlib import Path
@@ -212,14 +194,7 @@ def shared_dir() -> Iterator[Path]:
 
 
 def as_nobody(pin_file: Path | None, creds: Path | None = None) -> str:
-    python = _nobody_python()
-    proc = subprocess.run(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         python, "-c", CHECK, str(pin_file or ""), str(creds or "")],
-        capture_output=True, text=True, timeout=30,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(ROOT), "HOME": "/"},
-        cwd="/",
-    )
+    proc = python_as_nobody(CHECK, str(pin_file or ""), str(creds or ""))
     assert proc.returncode == 0, proc.stderr
     assert os.geteuid() == 0  # this process is still root; only the child was unprivileged
     return proc.stdout.strip()
