@@ -51,7 +51,7 @@ step "5. Sign {key_id}.{timestamp} on the token and mint"
 "$root/.venv/bin/python" - "$demo/mint.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-print(json.dumps({**d, "refresh_token": d["refresh_token"][:16] + "…"}, indent=2))
+print(json.dumps({**d, "refresh_token": d["refresh_token"][:16] + "…"}, indent=2, ensure_ascii=False))
 PY
 
 step "6. Verify the access token against the sandbox JWKS"

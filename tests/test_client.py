@@ -75,3 +75,25 @@ def test_no_socket_and_nobody_listening_are_clear_errors(tmp_path):
     dead.close()  # the file stays, nobody listens: a crashed agent's socket
     with pytest.raises(AgentError, match="no agent answers"):
         client.get_token(tmp_path / "dead.sock")
+
+
+def test_the_socket_comes_from_the_config_file_too(tmp_path, monkeypatch):
+    # As for the CLI: argument, TM_AGENT_SOCKET, the config file's agent_socket, default.
+    config = tmp_path / "config.toml"
+    config.write_text(f'agent_socket = "{tmp_path / "cfg.sock"}"\n')
+    monkeypatch.setenv("TM_HSM_AGENT_CONFIG", str(config))
+    monkeypatch.delenv("TM_AGENT_SOCKET", raising=False)
+    assert client.socket_path() == str(tmp_path / "cfg.sock")
+    monkeypatch.setenv("TM_AGENT_SOCKET", str(tmp_path / "env.sock"))
+    assert client.socket_path() == str(tmp_path / "env.sock")
+    assert client.socket_path(tmp_path / "arg.sock") == str(tmp_path / "arg.sock")
+    with pytest.raises(AgentError, match="cfg.sock"):
+        monkeypatch.delenv("TM_AGENT_SOCKET")
+        client.get_token()
+
+
+def test_a_regular_file_at_the_socket_path_is_named_as_such(tmp_path):
+    path = tmp_path / "not-a-socket"
+    path.write_text("hello")
+    with pytest.raises(AgentError, match="is not a socket"):
+        client.get_token(path)

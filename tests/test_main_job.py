@@ -110,6 +110,64 @@ def test_missing_token_is_a_clear_error(agent_env):
     result = cli("pubkey", env={**agent_env, "TM_TOKEN_LABEL": "no-such-token"})
     assert result.returncode == EXIT_TOKEN
     assert "no such token" in result.stderr and "Traceback" not in result.stderr
+    assert "tokens there: 'tm-test'" in result.stderr  # so a typo in the label shows itself
+
+
+def test_keygen_refuses_a_cka_id_already_in_use(agent_env):
+    # On a YubiKey a CKA_ID is a PIV slot: a second key with the same ID would replace the
+    # first there, and on other tokens two keys with one ID made every lookup fail.
+    first = cli("--key-label", "tm-slot-a", "keygen", "--cka-id", "0a", env=agent_env)
+    assert first.returncode == 0, first.stderr
+    second = cli("--key-label", "tm-slot-b", "keygen", "--cka-id", "0A", env=agent_env)
+    assert second.returncode == EXIT_TOKEN
+    assert "CKA_ID 0a is already used by the key labelled 'tm-slot-a'" in second.stderr
+    assert "Traceback" not in second.stderr and "Exception ignored" not in second.stderr
+    for label, code in (("tm-slot-a", 0), ("tm-slot-b", EXIT_TOKEN)):
+        result = cli("--key-label", label, "pubkey", env=agent_env)
+        assert result.returncode == code, result.stderr
+    assert "no EC private key labelled 'tm-slot-b'" in result.stderr
+
+
+def test_a_pin_in_the_config_file_is_refused_with_what_to_do(agent_env, tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text('pin = "123456"\n')
+    result = cli("--config", str(config), "pubkey", env=agent_env)
+    assert result.returncode == EXIT_CONFIG
+    assert "may not be stored in the config file" in result.stderr and "pin_file" in result.stderr
+    assert "123456" not in result.stderr
+
+
+def test_token_json_and_header_together_is_a_usage_error(agent_env):
+    result = cli("token", "--json", "--header", env=agent_env)
+    assert result.returncode == 2 and "choose one of --json and --header" in result.stderr
+
+
+def test_sandbox_serve_logs_why_it_refused_and_stops_cleanly_on_sigterm(agent_env, tmp_path):
+    import sys
+    import time
+
+    from helpers import wait_for
+
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tm_hsm_agent", "sandbox", "serve", "--port", "0",
+         "--port-file", str(port_file)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: port_file.exists() and port_file.read_text().strip(), 30, what="port file")
+        url = f"http://127.0.0.1:{port_file.read_text().strip()}/v1/auth"
+        refused = cli("mint", env={**agent_env, "TM_AUTH_URL": url})  # key not registered there
+        assert refused.returncode == EXIT_API and "HTTP 401: unauthorized" in refused.stderr
+        started = time.monotonic()
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err = proc.stderr.read() if proc.stderr else ""
+    assert "unknown or revoked API key" in err  # the cause, in the sandbox's own log
 
 
 def test_sandbox_fault_and_revoke_from_the_cli(sandbox, agent_env):

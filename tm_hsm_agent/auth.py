@@ -131,7 +131,7 @@ def classify(status: int, message: str, retry_after: float | None) -> ApiError:
     return ApiRejected(text, status=status, server_message=message)
 
 
-def _brief(err: requests.RequestException) -> str:
+def brief_transport_error(err: requests.RequestException) -> str:
     """One readable clause for a transport failure (requests' own text runs to lines)."""
     text = str(err)
     for needle, brief in (
@@ -186,7 +186,7 @@ class AuthClient:
         except requests.Timeout as e:
             raise ApiTransient(f"{what}: no answer within {self.timeout:.0f}s") from e
         except requests.RequestException as e:
-            raise ApiTransient(f"{what}: {_brief(e)}") from e
+            raise ApiTransient(f"{what}: {brief_transport_error(e)}") from e
         self.clock.learn(resp.headers.get("Date"), time.time())
         log.debug("%s -> HTTP %d (server clock offset %+.1fs)", what, resp.status_code, self.clock.offset)
         try:

@@ -152,6 +152,8 @@ def token_cmd(obj: Ctx, as_json: bool, as_header: bool) -> None:
     """Ask the running agent for the current access token."""
     from tm_hsm_agent import client
 
+    if as_json and as_header:
+        raise click.UsageError("choose one of --json and --header")
     info = client.get_token_info(obj.cfg.socket_path)
     if as_json:
         click.echo(json.dumps(info, separators=(",", ":")))
@@ -241,8 +243,11 @@ def sandbox() -> None:
 def sandbox_serve(host: str, port: int, access_ttl: float, refresh_ttl: float,
                   clock_offset: float, alg: str, port_file: str | None) -> None:
     """Run the sandbox Auth API until interrupted."""
+    import signal
+
     from tm_hsm_agent.sandbox import SandboxOptions, SandboxServer
 
+    logsetup.at_least_info()  # each refusal's cause is logged (the 401 itself does not say)
     opts = SandboxOptions(access_ttl=access_ttl, refresh_ttl=refresh_ttl,
                           clock_offset=clock_offset, alg=alg)
     server = SandboxServer(host, port, opts)
@@ -251,6 +256,11 @@ def sandbox_serve(host: str, port: int, access_ttl: float, refresh_ttl: float,
                err=True)
     if port_file:
         Path(port_file).write_text(f"{server.origin.rsplit(':', 1)[1]}\n")
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # leaves serve_forever, closes the server, exits 0
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

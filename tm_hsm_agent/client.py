@@ -3,7 +3,9 @@
     from tm_hsm_agent.client import get_token
     headers = {"Authorization": f"Bearer {get_token()}"}
 
-Uses only the standard library so any application can vendor or import it cheaply.
+Uses only the standard library (and this package's config, errors and paths modules) so
+any application can import it cheaply. It finds the socket as the agent does: argument,
+TM_AGENT_SOCKET, the config file's ``agent_socket``, the default path.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import http.client
 import json
 import os
 import socket
+import stat
 import struct
 from typing import Any
 
+from tm_hsm_agent.config import load_config
 from tm_hsm_agent.errors import AgentError, NoTokenAvailable
-from tm_hsm_agent.paths import default_socket
 
 
 class _UnixHTTPConnection(http.client.HTTPConnection):
@@ -48,7 +51,11 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 def socket_path(path: str | os.PathLike[str] | None = None) -> str:
-    return str(path or os.environ.get("TM_AGENT_SOCKET") or default_socket())
+    """``path``, else the agent's own setting: TM_AGENT_SOCKET, the config file's
+    ``agent_socket`` (TM_HSM_AGENT_CONFIG or the default file), the default path."""
+    if path:
+        return str(path)
+    return str(load_config().socket_path)
 
 
 def request_raw(method: str, url: str, path: str | os.PathLike[str] | None = None,
@@ -63,6 +70,8 @@ def request_raw(method: str, url: str, path: str | os.PathLike[str] | None = Non
     except FileNotFoundError:
         raise AgentError(f"no agent socket at {where} (is `tm-hsm-agent serve` running?)") from None
     except ConnectionRefusedError:
+        if os.path.exists(where) and not stat.S_ISSOCK(os.lstat(where).st_mode):
+            raise AgentError(f"{where} is not a socket; is TM_AGENT_SOCKET right?") from None
         raise AgentError(f"no agent answers at {where} (stale socket?)") from None
     except (OSError, http.client.HTTPException) as e:
         raise AgentError(f"talking to the agent at {where} failed: {e}") from e

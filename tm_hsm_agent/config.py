@@ -162,8 +162,8 @@ class Config:
         value = self.values.get(name)
         if value is None:
             key = _BY_NAME[name]
-            msg = f"{key.env} is not set ({key.help}); set it, or {name} in the config file"
-            raise ConfigError(msg + (f" — {hint}" if hint else ""))
+            raise ConfigError(f"{key.env} is not set ({hint or key.help}); "
+                              f"set it, or {name} in the config file")
         return value
 
     @property
@@ -252,11 +252,12 @@ def load_config(
     file_path = config_file_path(path, environ)
     explicit = bool(path or environ.get("TM_HSM_AGENT_CONFIG"))
     file_values = _read_file(file_path, explicit, profile)
+    if "pin" in file_values:
+        raise ConfigError(f"config file {file_path}: the PIN may not be stored in the config "
+                          "file; put it in a file of its own (mode 0600) and set pin_file")
     unknown = sorted(set(file_values) - set(_BY_NAME))
     if unknown:
         raise ConfigError(f"config file {file_path}: unknown key(s) {', '.join(unknown)}")
-    if "pin" in file_values:  # pragma: no cover - caught by unknown keys above
-        raise ConfigError("the PIN may not be stored in the config file; use pin_file")
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}

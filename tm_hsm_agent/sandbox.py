@@ -35,6 +35,7 @@ import requests
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
+from .auth import brief_transport_error
 from .errors import ApiError
 from .jose import (
     P256_N,
@@ -1120,7 +1121,8 @@ def admin(
     try:
         resp = requests.request(verb, url, json=body, timeout=timeout)
     except requests.RequestException as e:
-        raise ApiError(f"sandbox admin {verb} {url} failed: {e}") from e
+        raise ApiError(f"sandbox admin {verb} {url}: {brief_transport_error(e)} "
+                       "(is `tm-hsm-agent sandbox serve` running there?)") from e
     try:
         data = resp.json()
     except ValueError:

@@ -280,7 +280,13 @@ class TokenHandle:
             # Some modules (p11-kit's client) fix their slot list at C_Initialize: a token
             # that comes back is only seen after finalising and initialising again.
             self._needs_reinit = True
-            raise TokenUnavailable(f"{self.name}: no such token on module {self.module}")
+            try:
+                # (an empty label is SoftHSM's spare uninitialised slot)
+                there = sorted(label for t in self._lib.get_tokens() if (label := str(t.label).strip()))
+            except pkcs11.PKCS11Error:
+                there = []
+            seen = f"tokens there: {', '.join(repr(t) for t in there)}" if there else "no token there"
+            raise TokenUnavailable(f"{self.name}: no such token on module {self.module} ({seen})")
         if len(tokens) > 1:
             raise TokenError(f"{self.name}: {len(tokens)} tokens match; select by serial")
         return tokens[0]
@@ -337,31 +343,41 @@ class TokenHandle:
         self._hashed_mech = Mechanism.ECDSA_SHA256 in mechanisms
         return session
 
+    @staticmethod
+    def _objects(session: Any, cls: ObjectClass, **attrs: Any) -> list[Any]:
+        """All EC keys of ``cls`` matching ``attrs``. A list, read to the end: python-pkcs11's
+        get_key leaves its search open when several objects match, and the session then
+        answers CKR_OPERATION_ACTIVE to everything after."""
+        template = {Attribute.CLASS: cls, Attribute.KEY_TYPE: KeyType.EC}
+        for name, value in attrs.items():
+            template[{"label": Attribute.LABEL, "id": Attribute.ID}[name]] = value
+        return list(session.get_objects(template))
+
     def _find_private_key(self, session: Any) -> Any:
-        try:
-            return session.get_key(
-                object_class=ObjectClass.PRIVATE_KEY, key_type=KeyType.EC, label=self.key_label
-            )
-        except pkcs11.NoSuchKey:
+        found = self._objects(session, ObjectClass.PRIVATE_KEY, label=self.key_label)
+        if not found:
             raise KeyNotFound(
                 f"{self.name}: no EC private key labelled '{self.key_label}' (run `keygen`)"
-            ) from None
-        except pkcs11.MultipleObjectsReturned:
-            raise TokenError(f"{self.name}: several private keys share this label") from None
+            )
+        if len(found) > 1:
+            raise TokenError(f"{self.name}: {len(found)} private keys share this label")
+        return found[0]
 
     def _load_key(self) -> KeyInfo:
         session = self._ensure()
         if self._key is not None and self._priv is not None:
             return self._key
         priv = self._find_private_key(session)
-        try:
-            pub = session.get_key(
-                object_class=ObjectClass.PUBLIC_KEY, key_type=KeyType.EC, id=priv.id
-            )
-        except (pkcs11.NoSuchKey, pkcs11.MultipleObjectsReturned):
-            pub = session.get_key(
-                object_class=ObjectClass.PUBLIC_KEY, key_type=KeyType.EC, label=self.key_label
-            )
+        # The public half: same CKA_ID and label, else the same label, else the same CKA_ID.
+        pubs = self._objects(session, ObjectClass.PUBLIC_KEY, id=priv.id, label=self.key_label)
+        for attrs in ({"label": self.key_label}, {"id": priv.id}):
+            if len(pubs) == 1:
+                break
+            pubs = self._objects(session, ObjectClass.PUBLIC_KEY, **attrs)
+        if len(pubs) != 1:
+            raise TokenError(f"{self.name}: cannot tell which public key belongs to the private "
+                             f"key ({len(pubs)} candidates by label and CKA_ID)")
+        pub = pubs[0]
         if bytes(pub[Attribute.EC_PARAMS]) != P256_OID_PARAMS:
             raise TokenError(f"{self.name}: the key is not on curve P-256 (secp256r1)")
         try:
@@ -447,6 +463,17 @@ class TokenHandle:
                     raise KeyExists(
                         f"{self.name}: a key labelled '{self.key_label}' exists; refusing to "
                         "overwrite it (choose another TM_KEY_LABEL)"
+                    )
+            if cka_id is not None:
+                # On a YubiKey (ykcs11) a CKA_ID is a PIV slot: a second key there would
+                # replace the first, and two keys with one ID confuse every lookup.
+                taken = [o for cls in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
+                         for o in session.get_objects({Attribute.CLASS: cls, Attribute.ID: cka_id})]
+                if taken:
+                    raise KeyExists(
+                        f"{self.name}: CKA_ID {cka_id.hex()} is already used by the key labelled "
+                        f"'{str(taken[0].label)}'; refusing to generate another one with it "
+                        "(choose another --cka-id)"
                     )
             ident = cka_id or secrets.token_bytes(16)
             params = session.create_domain_parameters(
