@@ -56,7 +56,8 @@ LINGER = 1.0  # seconds to drain a rejected client's input before closing
 # How long the accept thread waits for a new client's first bytes when no other client is
 # waiting to connect; after that (or as soon as one is) the connection goes to the loop.
 FIRST_BYTES_WAIT_MS = 50
-FEED_SLICE = 8192  # bytes parsed at a time; answers in between get a chance to drain
+FEED_SLICE = 4096  # bytes parsed at a time; answers in between get a chance to drain
+READ_SIZE = 16 * 1024  # the most one read takes from a client (see _Conn.get_buffer)
 _NEVER = float("inf")
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 5.0)
 
@@ -67,7 +68,10 @@ class Limits:
     max_body_bytes: int = 4 * 1024
     request_timeout: float = 10.0  # from a request's first byte to its end
     idle_timeout: float = 60.0  # keep-alive connection with nothing in flight
-    max_connections: int = 4096  # at the cap, the longest-idle keep-alive connection makes room
+    # At the cap the longest-idle keep-alive connection makes room. Each connection costs at
+    # most about READ_SIZE + the transport's write high-water mark + a slice's queued requests
+    # (~100 KB) however it misbehaves, so the cap also bounds the agent's memory.
+    max_connections: int = 1024
     max_headers: int = 100
     max_pipelined: int = 64  # requests queued behind a slow one before reading pauses
     backlog: int = 4096  # the asyncio default (100) drops bursts of hundreds of clients
@@ -243,20 +247,24 @@ class _Prepared:
 # -- the protocol -----------------------------------------------------------------------
 
 
-class _Conn(asyncio.Protocol):
+class _Conn(asyncio.BufferedProtocol):
     """A connection the accept thread handed to the event loop (peer already checked).
 
-    Answers go out in request order. Reading pauses while the client does not read its
-    answers (the transport's write buffer is past its high-water mark) or while many
-    pipelined requests wait behind a slow one, so a client cannot make the agent buffer
-    without bound; a connection whose answers stay unread is aborted, not politely closed.
+    Answers go out in request order. Memory per connection is bounded whatever the client
+    does: a read takes at most READ_SIZE bytes (a buffered protocol picks the size, where
+    data_received would get whatever the loop read, 256 KiB); it is parsed a slice at a
+    time; once the answers are past the write buffer's high-water mark, further requests
+    are only queued (no answer is made) and reading pauses, as it does while many
+    pipelined requests wait behind a slow one. A connection whose answers stop draining
+    for request_timeout is aborted, not politely closed.
     """
 
     __slots__ = (
         "srv", "transport", "parser", "url", "header_bytes", "headers", "body", "queue", "busy",
         "closing", "peer", "deadline", "in_request", "in_head", "raw_head", "raw_msg",
         "done_in_chunk", "initial", "unsent", "close_after", "eof", "write_paused",
-        "stall_deadline", "backlog", "backlog_at", "expect_continue", "active",
+        "stall_deadline", "stall_buffered", "backlog", "backlog_at", "expect_continue",
+        "active", "content_length",
     )
 
     def __init__(self, srv: AgentServer, peer: tuple[int, int, int], initial: bytes = b"",
@@ -283,10 +291,12 @@ class _Conn(asyncio.Protocol):
         self.close_after = close_after  # ... to a client that asked for Connection: close
         self.eof = False  # the client half-closed: answer what it asked, then close
         self.write_paused = False
-        self.stall_deadline = _NEVER  # loop time by which unread answers must drain
+        self.stall_deadline = _NEVER  # loop time by which unread answers must have drained some
+        self.stall_buffered = 0  # ... below this many bytes
         self.backlog = b""  # bytes read but not parsed yet (fed in slices; see _feed_backlog)
         self.backlog_at = 0
         self.expect_continue = False
+        self.content_length = 0
         self.active = 0  # when it last finished a request, in the server's activity order
 
     # connection lifecycle
@@ -320,16 +330,21 @@ class _Conn(asyncio.Protocol):
 
     # flow control
     def pause_writing(self) -> None:
-        # The client is not reading its answers: stop parsing and reading its requests,
-        # and give it request_timeout to drain them before the connection is aborted.
+        # The client is not reading its answers: stop answering, parsing and reading its
+        # requests. It is aborted if no answer bytes drain for request_timeout.
         self.write_paused = True
-        self.stall_deadline = self.srv.loop.time() + self.srv.limits.request_timeout
+        self._stall_clock()
         self._flow()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         self.stall_deadline = _NEVER
+        self._answer_queued()
         self._feed_backlog()
+
+    def _stall_clock(self) -> None:
+        self.stall_buffered = self.transport.get_write_buffer_size()
+        self.stall_deadline = self.srv.loop.time() + self.srv.limits.request_timeout
 
     def _congested(self) -> bool:
         return self.write_paused or len(self.queue) >= self.srv.limits.max_pipelined
@@ -350,10 +365,13 @@ class _Conn(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        if self.stall_deadline < self.srv.loop.time() or (
-            self.closing and transport.get_write_buffer_size()
-        ):
+        if self.stall_deadline < self.srv.loop.time():
+            if transport.get_write_buffer_size() < self.stall_buffered:
+                self._stall_clock()  # a slow reader, but a reader: it drained some meanwhile
+                return
             transport.abort()  # its answers stay unread: close() would wait for ever
+        elif self.closing and transport.get_write_buffer_size():
+            transport.abort()
         elif self.busy and not self.closing:
             # A request is still being answered (waiting for a mint or a refresh, which
             # have their own time limits): its answer goes first, any 408 after it.
@@ -362,6 +380,14 @@ class _Conn(asyncio.Protocol):
             self._send_and_close(_error(408, "timeout", "request not completed in time", False))
         else:
             transport.close()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # One buffer for every connection: the loop fills it and calls buffer_updated at
+        # once, on its one thread, and buffer_updated copies out what it needs.
+        return self.srv.read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(self.srv.read_buffer[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         if self.closing or self.eof:
@@ -380,6 +406,9 @@ class _Conn(asyncio.Protocol):
         parser gets a slice, and the rest waits (reading paused) until the answers drain.
         """
         while self.backlog and not self.closing and not self._congested():
+            if self.transport.is_closing():  # the client went away: answering it is wasted
+                self.closing = True
+                break
             at = self.backlog_at
             if at == 0 and len(self.backlog) <= FEED_SLICE:
                 chunk, self.backlog = self.backlog, b""
@@ -431,7 +460,7 @@ class _Conn(asyncio.Protocol):
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.in_request = self.in_head = True
-        self.header_bytes = self.headers = self.raw_head = self.raw_msg = 0
+        self.header_bytes = self.headers = self.raw_head = self.raw_msg = self.content_length = 0
         self.expect_continue = False
         self.deadline = self.srv.loop.time() + self.srv.limits.request_timeout
 
@@ -444,13 +473,19 @@ class _Conn(asyncio.Protocol):
         self.headers += 1
         if self.headers > self.srv.limits.max_headers:
             raise _Reject(431, "too many request header fields")
-        if self.in_head and name.lower() == b"expect":
-            self.expect_continue = value.strip().lower() == b"100-continue"
+        if self.in_head:
+            lowered = name.lower()
+            if lowered == b"expect":
+                self.expect_continue = value.strip().lower() == b"100-continue"
+            elif lowered == b"content-length" and value.strip().isdigit():
+                self.content_length = int(value)
 
     def on_headers_complete(self) -> None:
         self.in_head = False
         if self.parser.get_http_version() not in ("1.1", "1.0"):
             raise _Reject(400, "only HTTP/1.0 and HTTP/1.1 are supported")
+        if self.content_length > self.srv.limits.max_body_bytes:
+            raise _Reject(413, "request body too large")  # said before the body is sent
         if self.expect_continue and not self.busy and not self.queue and not self.closing:
             # The client waits for this before sending its body. Only when nothing is
             # queued before it, so an interim answer never lands ahead of a final one.
@@ -473,14 +508,16 @@ class _Conn(asyncio.Protocol):
         self.done_in_chunk += 1
         self.active = next(self.srv.activity)
         self.deadline = self.srv.loop.time() + self.srv.limits.idle_timeout
-        if self.busy or self.queue:  # pipelined behind a request still being answered
+        if self.busy or self.queue or self.write_paused:
+            # pipelined behind a request still being answered, or past what the client has
+            # read: queued (a few hundred bytes), not answered (up to kilobytes) yet
             self.queue.append((parser.get_method(), url, parser.should_keep_alive(), body))
         elif not self.closing:
             self._answer(parser.get_method(), url, parser.should_keep_alive(), body)
 
     # answering, in order
     def _answer_queued(self) -> None:
-        while self.queue and not self.busy and not self.closing:
+        while self.queue and not (self.busy or self.closing or self.write_paused):
             self._answer(*self.queue.pop(0))
 
     def _answer(self, method: bytes, url: bytes, keep: bool, body: bytes) -> None:
@@ -512,9 +549,15 @@ class _Conn(asyncio.Protocol):
     def _write(self, out: bytes, keep: bool, started: float, tok: TokenSet | None = None) -> None:
         transport = self.transport
         transport.write(out)
-        if tok is not None and not transport.is_closing():
-            # Counted and audited once written; a peer that has gone makes the write fail
-            # (EPIPE) and the transport close: nothing was handed out then.
+        if transport.is_closing():
+            # The peer has gone (the write failed with EPIPE): nothing was handed out, and
+            # nothing more is parsed or answered for it (the stdlib loop would also log a
+            # warning for every further write).
+            self.closing = True
+            self.queue.clear()
+            self.backlog, self.backlog_at = b"", 0
+            return
+        if tok is not None:  # counted and audited once written
             self.srv.handed_out(self, tok)
         self.srv.stats.observe(time.perf_counter() - started)
         if not keep:
@@ -542,6 +585,8 @@ class _Conn(asyncio.Protocol):
         after LINGER seconds (or at the peer's EOF).
         """
         self.closing = True
+        self.queue.clear()
+        self.backlog, self.backlog_at = b"", 0  # nothing more is parsed: do not hold it
         self.transport.write(out)
         if self.transport.can_write_eof():
             self.transport.write_eof()
@@ -784,7 +829,7 @@ class _Acceptor:
 def _recv_now(conn: socket.socket) -> bytes | None:
     """Bytes already there (b"" if none yet), or None once the client has closed or failed."""
     try:
-        return conn.recv(65536, socket.MSG_DONTWAIT) or None
+        return conn.recv(READ_SIZE, socket.MSG_DONTWAIT) or None
     except (BlockingIOError, InterruptedError):
         return b""
     except OSError:
@@ -829,6 +874,7 @@ class AgentServer:
         self._adopting: set[asyncio.Task[None]] = set()
         self.adopted = 0  # hand-overs taken by the loop (written by the loop thread only)
         self.activity = itertools.count()  # orders connections by their last request
+        self.read_buffer = memoryview(bytearray(READ_SIZE))  # shared by all connections
         self._closing = False
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -988,8 +1034,9 @@ class AgentServer:
     def adopt(self, conn: socket.socket, data: bytes, peer: tuple[int, int, int],
               unsent: bytes = b"", close_after: bool = False) -> None:
         """On the loop: take over a connection from the accept thread."""
-        self.adopted += 1
-        if self._closing or (len(self.conns) >= self.limits.max_connections and not self._make_room()):
+        at_cap = len(self.conns) + len(self._adopting) >= self.limits.max_connections
+        if self._closing or (at_cap and not self._make_room()):
+            self.adopted += 1
             conn.close()
             return
         task = self.loop.create_task(self._adopt(conn, _Conn(self, peer, data, unsent, close_after)))
@@ -1019,6 +1066,8 @@ class AgentServer:
         except OSError as e:  # the client went away in between
             log.debug("connection lost while being handed over: %s", e)
             conn.close()
+        finally:
+            self.adopted += 1  # in self.conns now, or closed: no longer pending
 
     async def _sweep(self) -> None:
         """Close idle and slow connections: one pass a second instead of a timer per request."""
