@@ -262,7 +262,7 @@ class _Conn(asyncio.BufferedProtocol):
     __slots__ = (
         "srv", "transport", "parser", "url", "header_bytes", "headers", "body", "queue", "busy",
         "closing", "peer", "deadline", "in_request", "in_head", "raw_head", "raw_msg",
-        "done_in_chunk", "initial", "unsent", "close_after", "eof", "write_paused",
+        "done_in_chunk", "unsent", "close_after", "eof", "write_paused",
         "stall_deadline", "stall_buffered", "backlog", "backlog_at", "expect_continue",
         "active", "content_length",
     )
@@ -286,14 +286,15 @@ class _Conn(asyncio.BufferedProtocol):
         self.raw_head = 0
         self.raw_msg = 0
         self.done_in_chunk = 0
-        self.initial = initial  # what the accept thread already read
         self.unsent = unsent  # the rest of an answer the accept thread could not write
         self.close_after = close_after  # ... to a client that asked for Connection: close
         self.eof = False  # the client half-closed: answer what it asked, then close
         self.write_paused = False
         self.stall_deadline = _NEVER  # loop time by which unread answers must have drained some
         self.stall_buffered = 0  # ... below this many bytes
-        self.backlog = b""  # bytes read but not parsed yet (fed in slices; see _feed_backlog)
+        # bytes read but not parsed yet (fed in slices; see _feed_backlog), starting with
+        # what the accept thread already read
+        self.backlog = initial
         self.backlog_at = 0
         self.expect_continue = False
         self.content_length = 0
@@ -306,18 +307,17 @@ class _Conn(asyncio.BufferedProtocol):
         srv.conns.add(self)
         self.active = next(srv.activity)
         self.deadline = srv.loop.time() + srv.limits.idle_timeout
-        initial, unsent, self.initial, self.unsent = self.initial, self.unsent, b"", b""
+        unsent, self.unsent = self.unsent, b""
         if unsent:
             transport.write(unsent)
             if self.close_after:
                 self.closing = True
                 transport.close()  # after the buffered bytes are written
                 return
-        if initial:
+        if self.backlog:
             # Parsed on the next loop turn, not here: uvloop starts reading only after
             # connection_made returns, undoing a pause_reading made inside it. Newer bytes
             # queue behind these in the backlog, so the order is kept.
-            self.backlog = initial
             srv.loop.call_soon(self._feed_backlog)
 
     def connection_lost(self, exc: Exception | None) -> None:
