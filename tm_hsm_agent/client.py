@@ -83,11 +83,12 @@ def request_raw(method: str, url: str, path: str | os.PathLike[str] | None = Non
 def request(method: str, url: str, path: str | os.PathLike[str] | None = None,
             timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
     """One request to the agent; returns (status, JSON body)."""
-    status, raw = request_raw(method, url, path, timeout)
+    where = socket_path(path)  # resolved once: it may read the config file
+    status, raw = request_raw(method, url, where, timeout)
     try:
         body = json.loads(raw)
     except ValueError:
-        raise AgentError(f"the agent at {socket_path(path)} answered something that is not JSON") from None
+        raise AgentError(f"the agent at {where} answered something that is not JSON") from None
     return status, body
 
 
